@@ -1,0 +1,274 @@
+"""The plain single-process training loop (``kd train --local``), built from reusable steps.
+
+The Ray trainer calls the same steps (``build_session``, ``train_epoch``, ``evaluate``, ``save_checkpoint``)
+inside each worker; this module runs them in one process, which is what you want to debug a spec.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdcore.data import load_arrays, make_split
+from kdcore.data.splits import DataSplit
+from kdcore.distiller import Distiller, probe_shapes
+from kdcore.export import export_student
+from kdcore.modeling import build_model, load_checkpoint, model_from_spec, save_weights
+from kdcore.progress import Progress
+from kdcore.sources import Batch, OnlineFeatures
+from kdcore.spec.job import JobSpec
+from kdcore.spec.train import TrainSpec
+from kdcore.teacher import LOGITS, TeacherRunner
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def make_optimizer(spec: TrainSpec, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    o = spec.optimizer
+    params = [p for p in params if p.requires_grad]
+    if o.kind == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.kind == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def make_scheduler(spec: TrainSpec, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    s, epochs = spec.schedule, spec.epochs
+
+    def factor(epoch: int) -> float:
+        if s.warmup_epochs and epoch < s.warmup_epochs:
+            return (epoch + 1) / (s.warmup_epochs + 1)
+        if s.kind == "cosine":
+            t = (epoch - s.warmup_epochs) / max(1, epochs - s.warmup_epochs)
+            return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        if s.kind == "step":
+            return s.gamma ** sum(epoch >= e for e in s.step_epochs)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Session:
+    """Everything one training process holds."""
+
+    job: JobSpec
+    split: DataSplit
+    student: nn.Module
+    distiller: Distiller
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    teacher_shapes: dict[str, tuple[int, ...]]
+    epoch: int = 0  # epochs completed
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_split(job: JobSpec) -> DataSplit:
+    return make_split(load_arrays(job.data.source), job.data)
+
+
+def build_teacher(job: JobSpec, device: str | None = None) -> TeacherRunner:
+    """The job's teacher, ready to run. Without a checkpoint its weights are seeded from ``train.seed``."""
+    if not job.teacher.checkpoint:
+        torch.manual_seed(job.train.seed)
+    model = model_from_spec(job.teacher.model, job.teacher.checkpoint)
+    return TeacherRunner(model, job.teacher.taps, job.teacher.precision, device=device)
+
+
+def build_session(job: JobSpec, split: DataSplit, teacher_shapes: dict[str, tuple[int, ...]],
+                  bank_factory: Callable | None = None) -> Session:
+    """Seeded student, heads, optimiser and schedule for ``job``."""
+    seed_everything(job.train.seed)
+    student = model_from_spec(job.student.model, job.student.checkpoint)
+    sample = torch.from_numpy(split.x_train[:2])
+    student_shapes = probe_shapes(student, job.student.tapped_layers(), sample)
+    distiller = Distiller(student, job.student.pairs, job.losses, student_shapes, teacher_shapes,
+                          n_data=split.n_train, bank_factory=bank_factory, seed=job.train.seed)
+    optimizer = make_optimizer(job.train, distiller.parameters())
+    return Session(job, split, student, distiller, optimizer, make_scheduler(job.train, optimizer), teacher_shapes)
+
+
+def train_epoch(session: Session, batches: Iterable[Batch], progress: Progress | None = None,
+                on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+    """One pass over ``batches``; returns the mean of each loss part and the total."""
+    d, opt, clip = session.distiller, session.optimizer, session.job.train.grad_clip
+    d.train()
+    sums: dict[str, float] = {}
+    n_seen = 0
+    for step, batch in enumerate(batches):
+        total, parts, _ = d(batch.x, batch.teacher, batch.y, batch.labeled, batch.idx)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(d.parameters(), clip)
+        opt.step()
+        n = len(batch)
+        n_seen += n
+        sums["total"] = sums.get("total", 0.0) + total.item() * n
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * n
+        if progress is not None:
+            progress.update(n, postfix=f"loss {total.item():.4f}")
+        if on_step is not None:
+            on_step(step)
+    session.scheduler.step()
+    session.epoch += 1
+    return {f"loss/{k}": v / max(n_seen, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> dict[str, float]:
+    """Accuracy and cross-entropy of ``model`` on (x, y)."""
+    was = model.training
+    model.eval()
+    correct, loss, n = 0, 0.0, len(y)
+    for s in range(0, n, batch_size):
+        xb, yb = torch.from_numpy(x[s:s + batch_size]), torch.from_numpy(y[s:s + batch_size])
+        logits = model(xb)
+        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    model.train(was)
+    return {"val/acc": correct / max(n, 1), "val/loss": loss / max(n, 1)}
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+def checkpoint_state(session: Session) -> dict[str, Any]:
+    return {"distiller": session.distiller.state_dict(), "optimizer": session.optimizer.state_dict(),
+            "scheduler": session.scheduler.state_dict(), "epoch": session.epoch,
+            "history": json.dumps(session.history)}
+
+
+def restore_state(session: Session, state: dict[str, Any]) -> None:
+    session.distiller.load_state_dict(state["distiller"])
+    session.optimizer.load_state_dict(state["optimizer"])
+    session.scheduler.load_state_dict(state["scheduler"])
+    session.epoch = int(state["epoch"])
+    session.history = json.loads(state["history"])
+    # the schedule follows the *current* spec (e.g. more epochs than the interrupted run had)
+    sched = session.scheduler
+    for group, base, fn in zip(session.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * fn(sched.last_epoch)
+
+
+def save_checkpoint(session: Session, directory: str | Path) -> Path:
+    """Atomically write ``directory/state.pt`` (student, heads, optimiser, schedule, epoch, bank)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / "state.pt.tmp"
+    torch.save(checkpoint_state(session), tmp)
+    tmp.replace(d / "state.pt")
+    return d / "state.pt"
+
+
+def load_checkpoint_file(session: Session, path: str | Path) -> None:
+    restore_state(session, torch.load(path, map_location="cpu", weights_only=True))
+
+
+def student_from_checkpoint(job: JobSpec, path: str | Path) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """The student (no heads, no bank) and the metric history stored in a training checkpoint."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    student = build_model(job.student.model)
+    prefix = "student."
+    student.load_state_dict({k[len(prefix):]: v for k, v in state["distiller"].items() if k.startswith(prefix)})
+    return student, json.loads(state["history"])
+
+
+# -- the local loop ----------------------------------------------------------------------------------
+def run_dir(job: JobSpec) -> Path:
+    return Path(job.output.dir) / job.name
+
+
+def train_local(job: JobSpec, out_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
+                source=None, log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Train ``job``'s student in this process; returns the result (history, final metrics, paths)."""
+    torch.set_num_threads(job.train.torch_threads or max(1, int(job.train.cpus_per_worker)))
+    out = Path(out_dir) if out_dir else run_dir(job)
+    split = load_split(job)
+    teacher = None
+    if source is None:
+        teacher = build_teacher(job, device="cpu")
+        source = OnlineFeatures(split, job.data, teacher, job.data.batch_size, job.train.seed)
+    shapes = teacher_shapes_of(job, split, teacher)
+    session = build_session(job, split, shapes)
+    ckpt = out / "checkpoints" / "state.pt"
+    if resume and ckpt.exists():
+        load_checkpoint_file(session, ckpt)
+        if log:
+            log(f"[{job.name}] resumed from {ckpt} at epoch {session.epoch}")
+    while session.epoch < job.train.epochs:
+        e = session.epoch
+        t0 = time.perf_counter()
+        with Progress(split.n_train, f"[{job.name}] epoch {e + 1}/{job.train.epochs}", enabled=progress) as bar:
+            metrics = train_epoch(session, source.epoch(e), progress=bar)
+        metrics["epoch"] = e + 1
+        metrics["time/epoch_s"] = time.perf_counter() - t0
+        if (e + 1) % job.train.eval_every == 0 or e + 1 == job.train.epochs:
+            metrics.update(evaluate(session.student, split.x_val, split.y_val, job.data.eval_batch_size))
+        session.history.append(metrics)
+        if (e + 1) % job.train.checkpoint.every_epochs == 0 or e + 1 == job.train.epochs:
+            save_checkpoint(session, out / "checkpoints")
+    final = session.history[-1] if session.history else {}
+    export_dir = export_student(session.student, job.student, out / "student",
+                                {"job": job.name, "val_acc": final.get("val/acc"),
+                                 "normalize": {"mean": split.mean, "std": split.std}})
+    (out / "metrics.json").write_text(json.dumps(session.history, indent=2))
+    return {"history": session.history, "final": final, "out_dir": str(out), "student_dir": str(export_dir),
+            "teacher_forwards": teacher.forwards if teacher else None}
+
+
+def teacher_shapes_of(job: JobSpec, split: DataSplit, teacher: TeacherRunner | None) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes of the teacher's tapped layers and logits."""
+    if teacher is None:
+        teacher = build_teacher(job, device="cpu")
+    out = teacher(torch.from_numpy(split.x_train[:2]))
+    teacher.forwards -= 1
+    teacher.rows -= 2
+    return {k: tuple(v.shape[1:]) for k, v in out.items()}
+
+
+def train_teacher_local(job: JobSpec, out_path: str | Path | None = None, epochs: int | None = None,
+                        progress: bool = True, log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Supervised training of the job's teacher on every labeled training row; saves safetensors weights."""
+    split = load_split(job)
+    seed_everything(job.train.seed)
+    model = build_model(job.teacher.model)
+    spec = job.train.model_copy(update={"epochs": epochs or job.train.epochs})
+    opt = make_optimizer(spec, model.parameters())
+    sched = make_scheduler(spec, opt)
+    n, bs = split.n_train, job.data.batch_size
+    history = []
+    for e in range(spec.epochs):
+        model.train()
+        order = np.random.default_rng([job.train.seed, e]).permutation(n)
+        with Progress(n, f"[teacher] epoch {e + 1}/{spec.epochs}", enabled=progress) as bar:
+            for s in range(0, n, bs):
+                r = order[s:s + bs]
+                loss = F.cross_entropy(model(torch.from_numpy(split.x_train[r])), torch.from_numpy(split.y_train[r]))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                bar.update(len(r), postfix=f"loss {loss.item():.4f}")
+        sched.step()
+        history.append({"epoch": e + 1, **evaluate(model, split.x_val, split.y_val)})
+    path = Path(out_path or job.teacher.checkpoint or (run_dir(job) / "teacher.safetensors"))
+    save_weights(model, path)
+    if log:
+        log(f"[teacher] val acc {history[-1]['val/acc']:.4f}; weights written to {path}")
+    return {"history": history, "final": history[-1], "checkpoint": str(path)}
+
+
+def reload_teacher(job: JobSpec, path: str | Path) -> nn.Module:
+    return load_checkpoint(build_model(job.teacher.model), path)

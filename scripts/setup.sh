@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One-time, idempotent set-up used by `make demo` and `make test`:
+# creates the virtual environment if missing, installs the CPU build of torch when
+# no GPU is present (so pip never pulls a multi-GB CUDA build), then the project.
+set -euo pipefail
+VENV="${1:-.venv}"
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+STAMP="$VENV/.kd-installed"
+WANT="$(cat "$HERE/pyproject.toml" "$HERE/scripts/setup.sh" | sha256sum | cut -c1-16)"
+
+if [[ "$VENV" == "system" ]]; then
+  # Install into the interpreter on PATH (container images that already ship Python and Ray).
+  PY="$(command -v python3 || command -v python)"
+  STAMP="$(dirname "$PY")/../.kd-installed"
+else
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    echo "kd setup: creating virtual environment in $VENV"
+    "$PYTHON" -m venv "$VENV"
+  fi
+  PY="$VENV/bin/python"
+fi
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
+  exit 0
+fi
+PIP=("$PY" -m pip install --disable-pip-version-check -q)
+"${PIP[@]}" --upgrade "pip>=24" >/dev/null
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "kd setup: GPU found, installing torch (CUDA build)"
+    "${PIP[@]}" "${KD_TORCH_SPEC:-torch>=2.13.0}" ${KD_TORCH_INDEX:+--index-url "$KD_TORCH_INDEX"}
+  else
+    echo "kd setup: no GPU, installing the CPU build of torch"
+    "${PIP[@]}" "${KD_TORCH_SPEC:-torch==2.13.0}" ${KD_TORCH_INDEX:+--index-url "$KD_TORCH_INDEX"}
+  fi
+fi
+if [[ "${KD_EXTRAS-test}" == "" ]]; then
+  echo "kd setup: installing kd"
+  "${PIP[@]}" ${KD_EDITABLE--e} "$HERE"
+else
+  echo "kd setup: installing kd with extras [${KD_EXTRAS-test}]"
+  "${PIP[@]}" ${KD_EDITABLE--e} "$HERE[${KD_EXTRAS-test}]"
+fi
+echo "$WANT" > "$STAMP"

@@ -1,0 +1,1 @@
+"""The ``kd`` command line."""

@@ -1,0 +1,54 @@
+"""``kd train`` (a student), ``kd train-teacher`` and ``kd export``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from kdcore.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the student of a job spec",
+                       description="Train the job's student. --local runs the plain single-process loop (no Ray): "
+                       "the way to debug a spec on a laptop.")
+    p.add_argument("spec", metavar="JOB.yaml", help="job spec file")
+    p.add_argument("--local", action="store_true", help="run in this process without Ray")
+    p.add_argument("--out", default=None, help="run directory (default: <output.dir>/<name>)")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=train)
+
+    p = sub.add_parser("train-teacher", help="supervised training of a job's teacher (when you have no checkpoint)",
+                       description="Train the job's teacher with cross-entropy on every training row and write its "
+                       "weights to teacher.checkpoint (safetensors).")
+    p.add_argument("spec", metavar="JOB.yaml", help="job spec file")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: train.epochs)")
+    p.add_argument("--out", default=None, help="weights path (default: teacher.checkpoint)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=train_teacher)
+
+
+def train(args: argparse.Namespace) -> int:
+    from kdcore.spec import JobSpec
+
+    job = JobSpec.from_yaml(args.spec)
+    if not args.local:
+        raise UserError("only `kd train --local` exists so far; use `kd run JOB.yaml` for the Ray trainer")
+    from kdcore.loop import train_local
+
+    result = train_local(job, out_dir=args.out, resume=not args.no_resume, progress=not args.quiet)
+    final = {k: v for k, v in result["final"].items() if isinstance(v, (int, float))}
+    print(json.dumps({"job": job.name, "final": final, "student": result["student_dir"]}, indent=2))
+    return 0
+
+
+def train_teacher(args: argparse.Namespace) -> int:
+    from kdcore.loop import train_teacher_local
+    from kdcore.spec import JobSpec
+
+    job = JobSpec.from_yaml(args.spec)
+    if args.epochs is not None and args.epochs <= 0:
+        raise UserError(f"--epochs must be > 0, got {args.epochs}")
+    train_teacher_local(job, out_path=args.out, epochs=args.epochs, progress=not args.quiet)
+    return 0

@@ -1,0 +1,146 @@
+"""The per-worker recipe: setup, train, cleanup. kdcore's loop with Ray Train's context.
+
+Each worker owns the student and its heads (DDP over gloo on CPU, NCCL on GPU), gets teacher features from
+the job's ``features.mode``, and, for CRD, reads and writes the job's one bank actor: the next step's
+negatives are fetched while this step computes, and updates go out without waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from kdcore.loop import Session, build_session, evaluate, load_checkpoint_file, load_split, save_checkpoint
+from kdcore.spec.job import JobSpec
+from services.membank.client import RemoteBank
+from services.trainer.sources import make_source, teacher_shapes
+
+
+def _lookahead(it: Iterator) -> Iterator[tuple[Any, Any]]:
+    """Yield (current, next) pairs; next is None at the end."""
+    prev = next(it, None)
+    for cur in it:
+        yield prev, cur
+        prev = cur
+    if prev is not None:
+        yield prev, None
+
+
+def _event(config: dict[str, Any], rank: int, text: str) -> None:
+    """Append a line to ``events_dir/rank<N>.log`` (where tests and operators can watch workers)."""
+    if config.get("events_dir"):
+        d = Path(config["events_dir"])
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / f"rank{rank}.log", "a") as f:
+            f.write(f"{time.time():.3f} {text}\n")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    # -- setup -----------------------------------------------------------------------------------
+    job = JobSpec.model_validate(config["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(job.train.torch_threads or max(1, int(job.train.cpus_per_worker)))
+    _event(config, rank, f"start pid={os.getpid()}")
+    split = load_split(job)
+    source = make_source(job, split, config)
+    banks: dict[str, RemoteBank] = {}
+
+    def bank_factory(n, dim, momentum, dtype, _pair=iter(config.get("bank_actors", {}).items())):
+        pair, actor = next(_pair)
+        banks[pair] = RemoteBank(actor, n, dim, worker=rank, seed=job.train.seed)
+        return banks[pair]
+
+    session = build_session(job, split, teacher_shapes(job, split, config),
+                            bank_factory=bank_factory if config.get("bank_actors") else None)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            load_checkpoint_file(session, Path(d) / "state.pt")
+            if rank == 0:
+                for pair, bank in banks.items():
+                    bank.load_state_dict(torch.load(Path(d) / f"bank-{pair}.pt", weights_only=False))
+        _event(config, rank, f"restored epoch={session.epoch} bank_updates="
+               + ",".join(str(b.info()["updates"]) for b in banks.values()))
+    model = session.distiller
+    if world > 1:
+        model = ray.train.torch.prepare_model(model, move_to_device=False,
+                                              parallel_strategy_kwargs={"find_unused_parameters": False})
+        torch.distributed.barrier()  # every worker sees the restored bank before the first fetch
+    crd_k = {loss.pair: loss.params.nce_k for loss in job.losses if loss.kind == "crd"}
+
+    # -- train -----------------------------------------------------------------------------------
+    while session.epoch < job.train.epochs:
+        epoch = session.epoch
+        t0 = time.perf_counter()
+        metrics = _train_epoch(session, model, source.epoch(epoch, rank, world), banks, crd_k)
+        metrics.update({"epoch": epoch + 1, "time/epoch_s": time.perf_counter() - t0, "rank": rank, "world": world})
+        if (epoch + 1) % job.train.eval_every == 0 or epoch + 1 == job.train.epochs:
+            metrics.update(evaluate(session.student, split.x_val, split.y_val, job.data.eval_batch_size))
+        session.history.append(metrics)
+        _event(config, rank, f"epoch {epoch + 1} done")
+        for bank in banks.values():
+            bank.flush()
+        if world > 1:
+            torch.distributed.barrier()  # every update of the epoch is in the bank before it is saved
+        save_now = (epoch + 1) % job.train.checkpoint.every_epochs == 0 or epoch + 1 == job.train.epochs
+        if save_now and rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(session, tmp)
+                for pair, bank in banks.items():
+                    torch.save(bank.state_dict(), Path(tmp) / f"bank-{pair}.pt")
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+    # -- cleanup ---------------------------------------------------------------------------------
+    for bank in banks.values():
+        bank.flush()
+    close = getattr(source, "close", None)
+    if close:
+        close()
+
+
+def _train_epoch(session: Session, model, batches, banks: dict[str, RemoteBank], crd_k: dict[str, int]):
+    d, opt, clip = session.distiller, session.optimizer, session.job.train.grad_clip
+    model.train()
+    sums: dict[str, float] = {}
+    n_seen = 0
+    started = False
+    for batch, nxt in _lookahead(iter(batches)):
+        crd_inputs = None
+        if banks:
+            if not started:  # the first step of the epoch fetches for itself; later ones were prefetched
+                for pair, bank in banks.items():
+                    bank.prefetch(batch.idx, crd_k[pair])
+                started = True
+            crd_inputs = {pair: bank.take() for pair, bank in banks.items()}
+            if nxt is not None:
+                for pair, bank in banks.items():
+                    bank.prefetch(nxt.idx, crd_k[pair])
+        total, parts, _ = model(batch.x, batch.teacher, batch.y, batch.labeled, batch.idx,
+                                crd_inputs=crd_inputs, update_bank=not banks)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(d.parameters(), clip)
+        opt.step()
+        if banks:
+            for pair, (idx, v_s, v_t) in d.crd_updates().items():
+                banks[pair].update(idx, v_s, v_t)
+        n = len(batch)
+        n_seen += n
+        sums["total"] = sums.get("total", 0.0) + total.item() * n
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * n
+    session.scheduler.step()
+    session.epoch += 1
+    return {f"loss/{k}": v / max(n_seen, 1) for k, v in sums.items()}

@@ -1,0 +1,59 @@
+"""Shared fixtures. One session-scoped local Ray, started only by tests that ask for it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("KD_TEST", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A local Ray for the whole session: 4 logical CPUs, no dashboard, namespace 'kd-test', auth off."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # tests may disable token auth; the product keeps it on
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, namespace="kd-test", log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}})
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # noqa: BLE001 - best effort teardown
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_clean(ray_cluster):
+    """Per-test cleanup on the shared cluster: no Serve app or detached actor outlives the test."""
+    yield ray_cluster
+    from services.raycleanup import cleanup_namespace
+
+    cleanup_namespace("kd-test")
+
+
+@pytest.fixture
+def digits_job():
+    """A small valid job dict on digits (teacher width 8, student width 4) for quick tests."""
+    return {
+        "name": "t",
+        "teacher": {"model": {"kind": "factory", "target": "kdcore.zoo:digits_cnn", "kwargs": {"width": 8}},
+                    "taps": ["embed", "block3"]},
+        "student": {"model": {"kind": "factory", "target": "kdcore.zoo:digits_cnn", "kwargs": {"width": 4}},
+                    "pairs": [{"name": "feat", "student": "embed", "teacher": "embed"}]},
+        "losses": [{"kind": "ce"}, {"kind": "kd"}, {"kind": "hint", "pair": "feat"}],
+        "data": {"source": {"kind": "sklearn_digits"}, "batch_size": 128},
+        "train": {"epochs": 1, "num_workers": 0, "optimizer": {"kind": "adam", "lr": 0.003}},
+    }
+
+
+def pytest_report_header(config):
+    return [f"kd tests: python {sys.version.split()[0]}, root {ROOT}"]
