@@ -120,3 +120,16 @@ def test_failure_exits_1_with_one_line(tmp_path, digits_job, capsys):
     assert main(["train", "--local", "--quiet", str(f), "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kd: failed: RuntimeError") and "KD_DEBUG" in err[0]
+
+
+def test_export_writes_the_student_without_heads(tmp_path, digits_job, capsys):
+    from safetensors.torch import load_file
+
+    digits_job["output"] = {"dir": str(tmp_path / "runs")}
+    f = tmp_path / "job.yaml"
+    f.write_text(yaml.safe_dump(digits_job))
+    assert main(["train", "--local", "--quiet", str(f)]) == 0
+    assert main(["export", str(f), "--out", str(tmp_path / "exported")]) == 0
+    keys = load_file(str(tmp_path / "exported" / "student.safetensors")).keys()
+    assert keys and not any("heads" in k or "crd" in k for k in keys)
+    assert main(["export", str(f).replace("job", "nope"), "--out", str(tmp_path / "x")]) == 2

@@ -21,6 +21,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=bench_losses)
 
+    b = bsub.add_parser("cache", help="cache loader vs memmap random batches; cache writes vs np.save",
+                        description="On the same data in one run: rows/s of a shuffled cache epoch vs random "
+                        "256-row batches from a numpy memmap (the limit), and cache write MB/s vs np.save (the limit). "
+                        "Targets: read >= 0.8x, write >= 0.7x.")
+    b.add_argument("--rows", type=int, default=65536, help="rows (default 65536)")
+    b.add_argument("--dim", type=int, default=2048, help="feature size (default 2048, fp16)")
+    b.add_argument("--batch", type=int, default=256, help="batch rows (default 256)")
+    b.add_argument("--chunk-rows", type=int, default=4096, help="rows per chunk (default 4096, 16 MiB)")
+    b.add_argument("--workdir", default=None, help="where the data is written (default: a temp dir)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=bench_cache)
+
+    b = bsub.add_parser("membank", help="student step with the shared bank actor vs an in-process bank",
+                        description="2 Ray Train workers, resnet8x4 student (32x32, batch 64), CRD K=4096 d=128: "
+                        "median step time with the shared bank actor vs a local bank (the limit; target <= 1.15x), "
+                        "and the actor's update+fetch throughput.")
+    b.add_argument("--workers", type=int, default=2, help="train workers (default 2)")
+    b.add_argument("--steps", type=int, default=40, help="timed steps per mode (default 40)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=bench_membank)
+
 
 def bench_losses(args: argparse.Namespace) -> int:
     from services.bench.losses import run
@@ -33,4 +54,40 @@ def bench_losses(args: argparse.Namespace) -> int:
         print(f"  shared negatives    {r['crd_shared_step_s'] * 1e3:8.2f} ms")
         print(f"  per-anchor (limit)  {r['crd_per_anchor_step_s'] * 1e3:8.2f} ms")
         print(f"  ratio shared/per-anchor {r['crd_shared_step_s'] / r['crd_per_anchor_step_s']:.3f}")
+    return 0
+
+
+def _ratio_line(name: str, value: float, limit_name: str, target: str) -> str:
+    return f"  {name:<34} {value:8.3f}x {limit_name} (target {target})"
+
+
+def bench_cache(args: argparse.Namespace) -> int:
+    from services.bench.cache import run
+
+    r = run(rows=args.rows, dim=args.dim, batch=args.batch, chunk_rows=args.chunk_rows, workdir=args.workdir)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"cache bench: {args.rows} rows x {args.dim} fp16, batches of {args.batch}, medians")
+    print(f"  shuffled-epoch loader   {r['loader_rows_per_s']:>14,.0f} rows/s")
+    print(f"  memmap random batches   {r['memmap_rows_per_s']:>14,.0f} rows/s  (limit)")
+    print(f"  cache write             {r['write_mb_per_s']:>14,.1f} MB/s")
+    print(f"  np.save                 {r['raw_write_mb_per_s']:>14,.1f} MB/s  (limit)")
+    print(_ratio_line("read ratio", r["read_ratio"], "memmap", ">= 0.8"))
+    print(_ratio_line("write ratio", r["write_ratio"], "np.save", ">= 0.7"))
+    return 0
+
+
+def bench_membank(args: argparse.Namespace) -> int:
+    from services.bench.membank import run
+
+    r = run(workers=args.workers, steps=args.steps, log=None if args.json else print)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"membank bench: {r['workers']} workers, K={r['nce_k']}, d={r['feat_dim']}, batch {r['batch']}, medians")
+    print(f"  step with the bank actor   {r['step_s_actor'] * 1e3:9.1f} ms")
+    print(f"  step with a local bank     {r['step_s_local'] * 1e3:9.1f} ms  (limit)")
+    print(_ratio_line("ratio actor/local", r["ratio"], "", "<= 1.15"))
+    print(f"  actor update+fetch        {r['actor_ops_per_s']:9,.0f} ops/s")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from kdcore.errors import UserError
 
@@ -28,6 +29,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=train_teacher)
 
+    p = sub.add_parser("export", help="export a run's student alone (no projection heads)",
+                       description="Write the student of a run's latest checkpoint (or --checkpoint) as safetensors + "
+                       "a JSON of its spec. Projection heads and the memory bank are training-only and left out.")
+    p.add_argument("spec", metavar="JOB.yaml", help="job spec file of the run")
+    p.add_argument("--checkpoint", default=None, help="a state.pt (default: the run's latest checkpoint)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=export)
+
 
 def train(args: argparse.Namespace) -> int:
     from kdcore.spec import JobSpec
@@ -51,4 +60,29 @@ def train_teacher(args: argparse.Namespace) -> int:
     if args.epochs is not None and args.epochs <= 0:
         raise UserError(f"--epochs must be > 0, got {args.epochs}")
     train_teacher_local(job, out_path=args.out, epochs=args.epochs, progress=not args.quiet)
+    return 0
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The newest state.pt of a run: the local loop's, or the last Ray Train checkpoint's."""
+    candidates = [run / "checkpoints" / "state.pt"]
+    candidates += sorted((run / "ray-train").glob("*/checkpoint_*/state.pt"))
+    existing = [c for c in candidates if c.exists()]
+    return max(existing, key=lambda c: c.stat().st_mtime) if existing else None
+
+
+def export(args: argparse.Namespace) -> int:
+    from kdcore.export import export_student
+    from kdcore.loop import run_dir, student_from_checkpoint
+    from kdcore.spec import JobSpec
+
+    job = JobSpec.from_yaml(args.spec)
+    ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir(job))
+    if ckpt is None or not ckpt.exists():
+        raise UserError(f"no checkpoint found for job {job.name!r} under {run_dir(job)}; train it first or pass "
+                        "--checkpoint")
+    student, history = student_from_checkpoint(job, ckpt)
+    out = export_student(student, job.student, args.out, {"job": job.name, "checkpoint": str(ckpt),
+                                                          "epochs": len(history)})
+    print(f"exported the student of {ckpt} to {out}")
     return 0

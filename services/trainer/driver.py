@@ -8,9 +8,11 @@ from typing import Any, Callable
 
 import ray
 
+from kdcore.errors import KDError, TrainingError, UserError
 from kdcore.export import export_student
 from kdcore.loop import load_split, run_dir, student_from_checkpoint, teacher_shapes_of
 from kdcore.spec.job import JobSpec
+from kdcore.spec.paths import resolve_paths
 from services.membank.actor import create_bank_actor
 from services.trainer.report import write_report
 from services.trainer.worker import train_loop_per_worker
@@ -26,6 +28,51 @@ def _shapes(job: JobSpec, split, config: dict[str, Any]) -> dict[str, tuple[int,
     return teacher_shapes_of(job, split, None)
 
 
+def root_cause(e: BaseException) -> BaseException:
+    """The exception a worker raised, out of Ray Train's and Ray's wrappers."""
+    from ray.exceptions import RayTaskError
+    from ray.train import ControllerError, WorkerGroupError
+
+    for _ in range(10):
+        if isinstance(e, WorkerGroupError) and e.worker_failures:
+            e = e.worker_failures[min(e.worker_failures)]
+        elif isinstance(e, ControllerError):
+            e = e.controller_failure
+        elif isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None:
+            e = e.cause
+        else:
+            break
+    return e
+
+
+def worker_error(e: BaseException) -> BaseException:
+    """kd's own errors come back as they were raised; anything else as one TrainingError line."""
+    root = root_cause(e)
+    if isinstance(root, KDError):
+        return root
+    lines = [line for line in str(root).splitlines() if line.strip()]
+    return TrainingError(f"training failed on a worker: {type(root).__name__}: {lines[-1] if lines else ''}")
+
+
+def claim_run_dir(job: JobSpec, out: Path) -> None:
+    """A run directory belongs to one spec: a rerun of the same spec resumes, another spec is refused."""
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / "job.yaml"
+    mine = job.model_dump(mode="json", exclude={"output", "ray"})
+    if marker.exists():
+        theirs = yaml.safe_load(marker.read_text()) or {}
+        theirs = {k: v for k, v in theirs.items() if k not in ("output", "ray")}
+        if theirs != mine:
+            changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise UserError(f"{out} holds a run of a different spec (changed: {', '.join(changed)}); a rerun with the "
+                            "same name resumes that run. Give the job a new name, set output.dir, or remove the "
+                            "directory to start over")
+        return
+    marker.write_text(job.to_yaml())
+
+
 def train_student(job: JobSpec, out_dir: str | Path | None = None, extra_config: dict[str, Any] | None = None,
                   log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Train ``job``'s student with Ray Train (``train.num_workers`` workers; 0 runs in this process).
@@ -33,8 +80,9 @@ def train_student(job: JobSpec, out_dir: str | Path | None = None, extra_config:
     Creates the job's CRD bank actors (killed when training ends, also on failure), resumes from the last
     checkpoint of a previous run with the same name, exports the student and writes the run report.
     """
-    out = Path(out_dir) if out_dir else run_dir(job)
-    out.mkdir(parents=True, exist_ok=True)
+    job = resolve_paths(job)  # workers run in other directories
+    out = (Path(out_dir) if out_dir else run_dir(job)).resolve()
+    claim_run_dir(job, out)
     split = load_split(job)
     config: dict[str, Any] = {"job": job.model_dump(mode="json"), **(extra_config or {})}
     config["teacher_shapes"] = {k: list(v) for k, v in _shapes(job, split, config).items()}
@@ -69,7 +117,10 @@ def train_student(job: JobSpec, out_dir: str | Path | None = None, extra_config:
         )
         if log:
             log(f"[{job.name}] training on Ray Train: {job.train.num_workers} worker(s), features {job.features.mode}")
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as e:  # noqa: BLE001 - re-raised as the worker's own (picklable) error
+            raise worker_error(e) from None
     finally:
         for actor in banks.values():
             ray.kill(actor)

@@ -17,7 +17,7 @@ def make_source(job: JobSpec, split: DataSplit, config: dict[str, Any]):
     if mode == "cache":
         from kdcore.cache.source import CachedFeatures
 
-        return CachedFeatures.open(job, split)
+        return CachedFeatures.open(job, split, config.get("cache_manifest"))
     if mode == "stream":
         from services.teacher.stream import StreamFeatures
 

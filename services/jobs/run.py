@@ -1,0 +1,63 @@
+"""``kd run``: the whole job on a Ray cluster, torn down on success, failure and Ctrl-C.
+
+Stages: check the teacher (checkpoint, taps) in the driver so mistakes surface before any cluster work;
+bring up the teacher deployment when the job streams or must build its cache; build or reuse the cache;
+train the student with Ray Train; export it and write the run report; delete the Serve app and the bank
+actors whatever happened.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from kdcore.loop import build_teacher, load_split, run_dir, teacher_shapes_of
+from kdcore.spec.job import JobSpec
+from kdcore.spec.paths import resolve_paths
+from services.jobs.cluster import ray_session
+
+
+def run_job(job: JobSpec, address: str | None = None, out_dir: str | Path | None = None,
+            log: Callable[[str], None] | None = print, extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run ``job`` end to end; returns the training result plus the cache/stream details."""
+    job = resolve_paths(job)  # relative paths mean the launch directory, in every worker and replica
+    out = Path(out_dir) if out_dir else run_dir(job)
+    t0 = time.perf_counter()
+    say = log or (lambda _msg: None)
+    say(f"[{job.name}] stage: check teacher ({job.teacher.model.kind}, taps {job.teacher.taps})")
+    split = load_split(job)
+    shapes = teacher_shapes_of(job, split, build_teacher(job, device="cpu"))  # fails fast on bad ckpt/taps
+    config: dict[str, Any] = {"teacher_shapes": {k: list(v) for k, v in shapes.items()}, **(extra_config or {})}
+    with ray_session(job.ray, address, log=say):
+        extra: dict[str, Any] = {}
+        mode = job.features.mode
+        if mode == "cache":
+            from services.jobs.cache_build import ensure_cache
+
+            say(f"[{job.name}] stage: feature cache {job.features.cache.uri}")
+            extra["cache"] = ensure_cache(job, split, log=say)
+            config["cache_manifest"] = extra["cache"]["manifest"]
+            say(f"[{job.name}] stage: train student from the cache")
+            result = _train(job, out, config, say)
+        elif mode == "stream":
+            from services.teacher.lifecycle import teacher_app
+
+            with teacher_app(job, log=say) as app_name:
+                config["teacher_app"] = app_name
+                say(f"[{job.name}] stage: train student on the teacher stream")
+                result = _train(job, out, config, say)
+        else:
+            say(f"[{job.name}] stage: train student (teacher online in each worker)")
+            result = _train(job, out, config, say)
+    result.update(extra)
+    result["total_seconds"] = time.perf_counter() - t0
+    say(f"[{job.name}] done in {result['total_seconds']:.0f} s: val acc {result['final'].get('val/acc', float('nan')):.4f}; "
+        f"report {result['report'].get('summary')}")
+    return result
+
+
+def _train(job: JobSpec, out: Path, config: dict[str, Any], log) -> dict[str, Any]:
+    from services.trainer.driver import train_student
+
+    return train_student(job, out, extra_config=config, log=log)
