@@ -42,6 +42,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=bench_membank)
 
+    b = bsub.add_parser("serve", help="teacher deployment throughput vs the direct forward",
+                        description="Samples/s of the teacher forward in-process at batch 256 (the limit), through the "
+                        "deployment with concurrent 256-sample requests and with an id stream, and with concurrent "
+                        "single-sample requests next to a no-op batched deployment (the per-request ceiling); bytes "
+                        "per sample raw vs projected. Targets: batched and stream >= 0.9x direct, single >= 0.8x "
+                        "the no-op ceiling.")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=bench_serve)
+
+    b = bsub.add_parser("e2e", help="student epoch time: teacher online vs streamed vs cached",
+                        description="Student epoch time for features online, stream and cache on the same teacher "
+                        "and student, next to the ideal cache speedup (teacher+student step / student step) "
+                        "measured in the same run. Target: measured >= 0.9x ideal.")
+    b.add_argument("--epochs", type=int, default=4, help="epochs per mode (default 4; the first is not timed)")
+    b.add_argument("--modes", default="online,stream,cache", help="comma-separated modes (default all three)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=bench_e2e)
+
 
 def bench_losses(args: argparse.Namespace) -> int:
     from services.bench.losses import run
@@ -90,4 +108,43 @@ def bench_membank(args: argparse.Namespace) -> int:
     print(f"  step with a local bank     {r['step_s_local'] * 1e3:9.1f} ms  (limit)")
     print(_ratio_line("ratio actor/local", r["ratio"], "", "<= 1.15"))
     print(f"  actor update+fetch        {r['actor_ops_per_s']:9,.0f} ops/s")
+    return 0
+
+
+def bench_e2e(args: argparse.Namespace) -> int:
+    from services.bench.e2e import run
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    r = run(epochs=args.epochs, modes=modes, log=None if args.json else print)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"e2e bench (medians): teacher step {r['teacher_step_s'] * 1e3:.1f} ms, student step "
+          f"{r['student_step_s'] * 1e3:.1f} ms -> ideal cache speedup {r['speedup_ideal']:.2f}x")
+    for mode in modes:
+        print(f"  epoch, {mode:<7} {r[f'epoch_s_{mode}']:8.3f} s")
+    if "speedup_cache" in r:
+        print(f"  measured cache speedup {r['speedup_cache']:.2f}x = {r['ratio_to_ideal']:.2f}x ideal (target >= 0.9)")
+    if "speedup_stream" in r:
+        print(f"  measured stream speedup {r['speedup_stream']:.2f}x")
+    return 0
+
+
+def bench_serve(args: argparse.Namespace) -> int:
+    from services.bench.serve import run
+
+    r = run(log=None if args.json else print)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print("serve bench (samples/s, medians):")
+    print(f"  direct forward, batch 256       {r['direct_sps']:>10,.0f}  (limit)")
+    print(f"  deployment, 256-sample requests {r['serve_batched_sps']:>10,.0f}")
+    print(f"  deployment, id stream           {r['serve_stream_sps']:>10,.0f}")
+    print(f"  single requests, batched        {r['serve_single_sps']:>10,.0f}")
+    print(f"  single requests, no-op ceiling  {r['noop_single_sps']:>10,.0f}  (limit)")
+    print(_ratio_line("batched / direct", r["ratio_batched"], "", ">= 0.9"))
+    print(_ratio_line("stream / direct", r["ratio_stream"], "", ">= 0.9"))
+    print(_ratio_line("single / no-op ceiling", r["ratio_single_to_ceiling"], "", ">= 0.8"))
+    print(f"  bytes per sample: raw {r['bytes_per_sample_raw']:,}, projected {r['bytes_per_sample_projected']:,}")
     return 0

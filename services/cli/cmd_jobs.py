@@ -110,6 +110,13 @@ def register_cluster(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wait", action="store_true", help="wait for the job to end; exit 1 unless it succeeded")
     p.set_defaults(func=submit)
 
+    p = sub.add_parser("serve", help="run the teacher deployment with its HTTP ingress until Ctrl-C",
+                       description="Run the job's teacher as a Ray Serve app with an HTTP ingress (binary bodies: "
+                       ".npy in, Arrow IPC out; OpenAPI at /docs), bound to teacher.serve.http.host:port "
+                       "(127.0.0.1 unless configured). Ctrl-C tears it down.")
+    p.add_argument("spec", metavar="JOB.yaml", help="job spec file")
+    p.set_defaults(func=serve_cmd)
+
     p = sub.add_parser("status", help="status of a submitted job", description="Print a submitted job's status.")
     p.add_argument("submission_id", help="the id `kd submit` printed")
     p.add_argument("--address", required=True, help="Jobs API address, e.g. http://HEAD:8265")
@@ -170,4 +177,13 @@ def logs(args: argparse.Namespace) -> int:
     for chunk in jobs.logs(args.address, args.submission_id, follow=args.follow):
         sys.stdout.write(chunk)
         sys.stdout.flush()
+    return 0
+
+
+def serve_cmd(args: argparse.Namespace) -> int:
+    from kdcore.spec import JobSpec
+    from kdcore.spec.paths import resolve_paths
+    from services.teacher.serve_cmd import serve_forever
+
+    serve_forever(resolve_paths(JobSpec.from_yaml(args.spec)))
     return 0

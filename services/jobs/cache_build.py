@@ -44,7 +44,7 @@ def ensure_cache(job: JobSpec, split: DataSplit, log: Callable[[str], None] | No
         from services.teacher.cache_fill import fill_with_replicas
 
         report = fill_with_replicas(job, writer, missing, log=say)
-        forwards = report["teacher_forwards"]
+        forwards = report["teacher_rows"]
     else:
         rows_total = sum(writer.chunk_bounds(i)[1] - writer.chunk_bounds(i)[0] for i in missing)
         with Progress(rows_total, f"[{job.name}] cache", enabled=log is not None) as bar:

@@ -45,6 +45,10 @@ def run_job(job: JobSpec, address: str | None = None, out_dir: str | Path | None
 
             with teacher_app(job, log=say) as app_name:
                 config["teacher_app"] = app_name
+                if job.features.stream.payload == "projected":
+                    from services.teacher.stream import stream_teacher_shapes
+
+                    config["teacher_shapes"] = {k: list(v) for k, v in stream_teacher_shapes(job, split).items()}
                 say(f"[{job.name}] stage: train student on the teacher stream")
                 result = _train(job, out, config, say)
         else:
