@@ -11,10 +11,11 @@ from kdcore.errors import UserError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the student of a job spec",
-                       description="Train the job's student. --local runs the plain single-process loop (no Ray): "
-                       "the way to debug a spec on a laptop.")
+                       description="Train the job's student with Ray Train (teacher online or from an existing cache). "
+                       "--local runs the plain single-process loop (no Ray): the way to debug a spec on a laptop.")
     p.add_argument("spec", metavar="JOB.yaml", help="job spec file")
     p.add_argument("--local", action="store_true", help="run in this process without Ray")
+    p.add_argument("--address", default=None, help="Ray address of an existing cluster (not with --local)")
     p.add_argument("--out", default=None, help="run directory (default: <output.dir>/<name>)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -43,7 +44,16 @@ def train(args: argparse.Namespace) -> int:
 
     job = JobSpec.from_yaml(args.spec)
     if not args.local:
-        raise UserError("only `kd train --local` exists so far; use `kd run JOB.yaml` for the Ray trainer")
+        if job.features.mode == "stream":
+            raise UserError("features.mode stream needs the teacher deployment: use `kd run JOB.yaml`")
+        from services.jobs.cluster import ray_session
+        from services.trainer.driver import train_student
+
+        with ray_session(job.ray, args.address):
+            result = train_student(job, args.out)
+        final = {k: v for k, v in result["final"].items() if isinstance(v, (int, float))}
+        print(json.dumps({"job": job.name, "final": final, "student": result["student_dir"]}, indent=2))
+        return 0
     from kdcore.loop import train_local
 
     result = train_local(job, out_dir=args.out, resume=not args.no_resume, progress=not args.quiet)

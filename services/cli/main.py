@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print("kd: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - last resort: one clear line, traceback on request
-        first = (str(e).splitlines() or [""])[0]
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
         print(f"kd: failed: {type(e).__name__}: {first} (set KD_DEBUG=1 for the traceback)", file=sys.stderr)
         if os.environ.get("KD_DEBUG"):
             traceback.print_exc()

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
+
+# matplotlib's text layout keeps process-wide caches that are not thread-safe, and a sweep writes the
+# reports of parallel runs from several threads
+_PLOT_LOCK = threading.Lock()
 
 
 def write_report(run_dir: str | Path, job_name: str, history: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, str]:
@@ -28,13 +33,18 @@ def write_report(run_dir: str | Path, job_name: str, history: list[dict[str, Any
 
 
 def _plot(path: Path, job_name: str, history: list[dict[str, Any]]) -> Path:
-    import matplotlib
+    with _PLOT_LOCK:
+        return _draw(path, job_name, history)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _draw(path: Path, job_name: str, history: list[dict[str, Any]]) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     epochs = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    a, b = fig.subplots(1, 2)
     for key in sorted({k for h in history for k in h if k.startswith("loss/")}):
         a.plot(epochs, [h.get(key, float("nan")) for h in history], label=key[5:])
     a.set_xlabel("epoch")
@@ -49,5 +59,4 @@ def _plot(path: Path, job_name: str, history: list[dict[str, Any]]) -> Path:
     fig.suptitle(f"kd run {job_name}")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path

@@ -117,3 +117,15 @@ def test_teacher_replica_crashing_at_start_fails_cleanly(ray_clean, digits_job, 
     ours = [line for line in err.splitlines() if line.startswith("kd: ")]
     assert len(ours) == 1 and "simulated teacher crash" in ours[0], err[-2000:]
     assert _no_kd_leftovers() == ([], [])
+
+
+def test_run_with_zero_workers_trains_in_the_driver(ray_clean, digits_job, tmp_path, capsys):
+    spec = _spec(tmp_path, digits_job, "run-inproc")
+    job = yaml.safe_load(spec.read_text())
+    job["train"]["num_workers"] = 0
+    spec.write_text(yaml.safe_dump(job))
+    assert main(["run", str(spec)]) == 0
+    run = tmp_path / "runs" / "run-inproc"
+    assert json.loads((run / "metrics.json").read_text())[0]["epoch"] == 1
+    assert (run / "checkpoints" / "state.pt").exists() and not (run / "ray-train").exists()
+    assert (run / "summary.md").exists() and (run / "student" / "student.json").exists()
