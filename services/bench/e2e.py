@@ -1,7 +1,11 @@
 """``kd bench e2e``: student epoch time with the teacher online, streamed, and cached, on the same job.
 
 The limit is the ideal cache speedup, measured in the same run: (teacher forward + student step) / student
-step, both timed in-process on the job's batch size. Target: measured cache speedup >= 0.9x ideal.
+step. It is reported twice: from a teacher forward and a student step timed in this process on one batch
+(``speedup_ideal``), and from the online run's own worker, whose epoch splits into waiting for batches (the
+teacher) and the student's compute (``speedup_ideal_in_worker`` = online epoch / its compute), which is the
+figure the measured speedup is held against (same process, same data, same moment).
+Target: measured cache speedup >= 0.9x ideal.
 Epoch times are measured inside the training worker (``time/epoch_s``, the compute of an epoch; median
 over the epochs after the first), so Ray Train's fixed start-up cost is not counted against any mode.
 """
@@ -69,9 +73,13 @@ def ideal_speedup(job: JobSpec) -> dict[str, float]:
             "speedup_ideal": (t_teacher + t_student) / t_student}
 
 
+def _median(result: dict[str, Any], key: str) -> float:
+    values = [h[key] for h in result["history"]]
+    return statistics.median(values[1:] or values)
+
+
 def _epoch_s(result: dict[str, Any]) -> float:
-    times = [h["time/epoch_s"] for h in result["history"]][1:] or [h["time/epoch_s"] for h in result["history"]]
-    return statistics.median(times)
+    return _median(result, "time/epoch_s")
 
 
 def run(epochs: int = 4, modes: tuple[str, ...] = ("online", "stream", "cache"), log=print) -> dict[str, Any]:
@@ -102,15 +110,20 @@ def run(epochs: int = 4, modes: tuple[str, ...] = ("online", "stream", "cache"),
                 t0 = time.perf_counter()
                 r = run_job(job, log=None)
                 out[f"epoch_s_{mode}"] = _epoch_s(r)
+                out[f"compute_s_{mode}"] = _median(r, "time/compute_s")
+                out[f"data_s_{mode}"] = _median(r, "time/data_s")
                 out[f"wall_s_{mode}"] = time.perf_counter() - t0
                 if log:
                     log(f"  {mode:<7} epoch {out[f'epoch_s_{mode}']:.3f} s (median; run {out[f'wall_s_{mode}']:.0f} s)")
     finally:
         if started:
             ctx.__exit__(None, None, None)
+    if "epoch_s_online" in out:
+        # the ideal, measured inside the online run's worker: the epoch if the teacher cost nothing
+        out["speedup_ideal_in_worker"] = out["epoch_s_online"] / out["compute_s_online"]
     if "epoch_s_cache" in out and "epoch_s_online" in out:
         out["speedup_cache"] = out["epoch_s_online"] / out["epoch_s_cache"]
-        out["ratio_to_ideal"] = out["speedup_cache"] / out["speedup_ideal"]
+        out["ratio_to_ideal"] = out["speedup_cache"] / out["speedup_ideal_in_worker"]
     if "epoch_s_stream" in out and "epoch_s_online" in out:
         out["speedup_stream"] = out["epoch_s_online"] / out["epoch_s_stream"]
     return out

@@ -109,13 +109,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         close()
 
 
+class _Timed:
+    """Wraps a batch iterator, adding up the time spent waiting for batches (loading, or the teacher online)."""
+
+    def __init__(self, it) -> None:
+        self.it, self.seconds = iter(it), 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
 def _train_epoch(session: Session, model, batches, banks: dict[str, RemoteBank], crd_k: dict[str, int]):
     d, opt, clip = session.distiller, session.optimizer, session.job.train.grad_clip
     model.train()
     sums: dict[str, float] = {}
     n_seen = 0
     started = False
-    for batch, nxt in _lookahead(iter(batches)):
+    timed = _Timed(batches)
+    t_epoch = time.perf_counter()
+    for batch, nxt in _lookahead(timed):
         crd_inputs = None
         if banks:
             if not started:  # the first step of the epoch fetches for itself; later ones were prefetched
@@ -143,4 +162,7 @@ def _train_epoch(session: Session, model, batches, banks: dict[str, RemoteBank],
             sums[k] = sums.get(k, 0.0) + float(v) * n
     session.scheduler.step()
     session.epoch += 1
-    return {f"loss/{k}": v / max(n_seen, 1) for k, v in sums.items()}
+    out = {f"loss/{k}": v / max(n_seen, 1) for k, v in sums.items()}
+    out["time/data_s"] = timed.seconds  # waiting for batches: the loader, the stream, or the teacher online
+    out["time/compute_s"] = time.perf_counter() - t_epoch - timed.seconds  # the student's own steps
+    return out
