@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -101,20 +101,70 @@ def build_session(job: JobSpec, split: DataSplit, teacher_shapes: dict[str, tupl
     return Session(job, split, student, distiller, optimizer, make_scheduler(job.train, optimizer), teacher_shapes)
 
 
+class StepHooks(Protocol):
+    """What a distributed trainer adds around each step (e.g. a remote CRD bank: fetch ahead, push after)."""
+
+    def before_step(self, batch: Batch, next_batch: Batch | None) -> dict | None:
+        """CRD inputs for this step (``Distiller.forward``'s ``crd_inputs``); may start fetching the next."""
+
+    def after_step(self, distiller: Distiller) -> None:
+        """Called after the optimiser step, e.g. to send the step's bank updates."""
+
+
+class _Timed:
+    """Wraps a batch iterator, adding up the time spent waiting for batches (loading, or the teacher online)."""
+
+    def __init__(self, it: Iterable[Batch]) -> None:
+        self.it, self.seconds = iter(it), 0.0
+
+    def __iter__(self) -> "_Timed":
+        return self
+
+    def __next__(self) -> Batch:
+        t0 = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def _lookahead(it: Iterator[Batch]) -> Iterator[tuple[Batch, Batch | None]]:
+    """(current, next) pairs; next is None at the end."""
+    prev = next(it, None)
+    for cur in it:
+        yield prev, cur
+        prev = cur
+    if prev is not None:
+        yield prev, None
+
+
 def train_epoch(session: Session, batches: Iterable[Batch], progress: Progress | None = None,
-                on_step: Callable[[int], None] | None = None) -> dict[str, float]:
-    """One pass over ``batches``; returns the mean of each loss part and the total."""
+                on_step: Callable[[int], None] | None = None, model: nn.Module | None = None,
+                hooks: StepHooks | None = None) -> dict[str, float]:
+    """One pass over ``batches``; returns the mean of each loss part and the total, and the epoch's time split
+    into waiting for batches (``time/data_s``) and the student's own steps (``time/compute_s``).
+
+    ``model`` is what is called (default the session's distiller; a trainer passes its DDP wrapper); with
+    ``hooks`` the CRD bank lives elsewhere: its inputs come from ``hooks.before_step`` and its updates go out
+    in ``hooks.after_step`` instead of being applied in place."""
     d, opt, clip = session.distiller, session.optimizer, session.job.train.grad_clip
-    d.train()
+    model = model if model is not None else d
+    model.train()
     sums: dict[str, float] = {}
     n_seen = 0
-    for step, batch in enumerate(batches):
-        total, parts, _ = d(batch.x, batch.teacher, batch.y, batch.labeled, batch.idx)
+    timed = _Timed(batches)
+    t_epoch = time.perf_counter()
+    for step, (batch, nxt) in enumerate(_lookahead(timed)):
+        crd_inputs = hooks.before_step(batch, nxt) if hooks is not None else None
+        total, parts, _ = model(batch.x, batch.teacher, batch.y, batch.labeled, batch.idx,
+                                crd_inputs=crd_inputs, update_bank=hooks is None)
         opt.zero_grad(set_to_none=True)
         total.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(d.parameters(), clip)
         opt.step()
+        if hooks is not None:
+            hooks.after_step(d)
         n = len(batch)
         n_seen += n
         sums["total"] = sums.get("total", 0.0) + total.item() * n
@@ -126,7 +176,10 @@ def train_epoch(session: Session, batches: Iterable[Batch], progress: Progress |
             on_step(step)
     session.scheduler.step()
     session.epoch += 1
-    return {f"loss/{k}": v / max(n_seen, 1) for k, v in sums.items()}
+    out = {f"loss/{k}": v / max(n_seen, 1) for k, v in sums.items()}
+    out["time/data_s"] = timed.seconds  # waiting for batches: the loader, the stream, or the teacher online
+    out["time/compute_s"] = time.perf_counter() - t_epoch - timed.seconds  # the student's own steps
+    return out
 
 
 @torch.no_grad()

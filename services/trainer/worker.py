@@ -11,27 +11,17 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import ray
 import ray.train
 import ray.train.torch
 import torch
 
-from kdcore.loop import Session, build_session, evaluate, load_checkpoint_file, load_split, save_checkpoint
+from kdcore.loop import build_session, evaluate, load_checkpoint_file, load_split, save_checkpoint, train_epoch
 from kdcore.spec.job import JobSpec
 from services.membank.client import RemoteBank
 from services.trainer.sources import make_source, teacher_shapes
-
-
-def _lookahead(it: Iterator) -> Iterator[tuple[Any, Any]]:
-    """Yield (current, next) pairs; next is None at the end."""
-    prev = next(it, None)
-    for cur in it:
-        yield prev, cur
-        prev = cur
-    if prev is not None:
-        yield prev, None
 
 
 def _event(config: dict[str, Any], rank: int, text: str) -> None:
@@ -81,7 +71,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while session.epoch < job.train.epochs:
         epoch = session.epoch
         t0 = time.perf_counter()
-        metrics = _train_epoch(session, model, source.epoch(epoch, rank, world), banks, crd_k)
+        metrics = train_epoch(session, source.epoch(epoch, rank, world), model=model,
+                              hooks=BankPrefetch(banks, crd_k) if banks else None)
         metrics.update({"epoch": epoch + 1, "time/epoch_s": time.perf_counter() - t0, "rank": rank, "world": world})
         if (epoch + 1) % job.train.eval_every == 0 or epoch + 1 == job.train.epochs:
             metrics.update(evaluate(session.student, split.x_val, split.y_val, job.data.eval_batch_size))
@@ -109,60 +100,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         close()
 
 
-class _Timed:
-    """Wraps a batch iterator, adding up the time spent waiting for batches (loading, or the teacher online)."""
+class BankPrefetch:
+    """StepHooks for CRD's shared bank actor: the next step's positives and negatives are fetched while this step
+    computes; the step's updates are sent without waiting. One per epoch."""
 
-    def __init__(self, it) -> None:
-        self.it, self.seconds = iter(it), 0.0
+    def __init__(self, banks: dict[str, RemoteBank], nce_k: dict[str, int]) -> None:
+        self.banks, self.nce_k = banks, nce_k
+        self.started = False
 
-    def __iter__(self):
-        return self
+    def before_step(self, batch, next_batch):
+        if not self.started:  # the first step of the epoch fetches for itself; later ones were prefetched
+            for pair, bank in self.banks.items():
+                bank.prefetch(batch.idx, self.nce_k[pair])
+            self.started = True
+        inputs = {pair: bank.take() for pair, bank in self.banks.items()}
+        if next_batch is not None:
+            for pair, bank in self.banks.items():
+                bank.prefetch(next_batch.idx, self.nce_k[pair])
+        return inputs
 
-    def __next__(self):
-        t0 = time.perf_counter()
-        try:
-            return next(self.it)
-        finally:
-            self.seconds += time.perf_counter() - t0
-
-
-def _train_epoch(session: Session, model, batches, banks: dict[str, RemoteBank], crd_k: dict[str, int]):
-    d, opt, clip = session.distiller, session.optimizer, session.job.train.grad_clip
-    model.train()
-    sums: dict[str, float] = {}
-    n_seen = 0
-    started = False
-    timed = _Timed(batches)
-    t_epoch = time.perf_counter()
-    for batch, nxt in _lookahead(timed):
-        crd_inputs = None
-        if banks:
-            if not started:  # the first step of the epoch fetches for itself; later ones were prefetched
-                for pair, bank in banks.items():
-                    bank.prefetch(batch.idx, crd_k[pair])
-                started = True
-            crd_inputs = {pair: bank.take() for pair, bank in banks.items()}
-            if nxt is not None:
-                for pair, bank in banks.items():
-                    bank.prefetch(nxt.idx, crd_k[pair])
-        total, parts, _ = model(batch.x, batch.teacher, batch.y, batch.labeled, batch.idx,
-                                crd_inputs=crd_inputs, update_bank=not banks)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(d.parameters(), clip)
-        opt.step()
-        if banks:
-            for pair, (idx, v_s, v_t) in d.crd_updates().items():
-                banks[pair].update(idx, v_s, v_t)
-        n = len(batch)
-        n_seen += n
-        sums["total"] = sums.get("total", 0.0) + total.item() * n
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * n
-    session.scheduler.step()
-    session.epoch += 1
-    out = {f"loss/{k}": v / max(n_seen, 1) for k, v in sums.items()}
-    out["time/data_s"] = timed.seconds  # waiting for batches: the loader, the stream, or the teacher online
-    out["time/compute_s"] = time.perf_counter() - t_epoch - timed.seconds  # the student's own steps
-    return out
+    def after_step(self, distiller) -> None:
+        for pair, (idx, v_s, v_t) in distiller.crd_updates().items():
+            self.banks[pair].update(idx, v_s, v_t)
