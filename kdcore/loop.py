@@ -286,10 +286,7 @@ def teacher_shapes_of(job: JobSpec, split: DataSplit, teacher: TeacherRunner | N
     """Per-sample shapes of the teacher's tapped layers and logits."""
     if teacher is None:
         teacher = build_teacher(job, device="cpu")
-    out = teacher(torch.from_numpy(split.x_train[:2]))
-    teacher.forwards -= 1
-    teacher.rows -= 2
-    return {k: tuple(v.shape[1:]) for k, v in out.items()}
+    return teacher.shapes(torch.from_numpy(split.x_train[:2]))
 
 
 def train_teacher_local(job: JobSpec, out_path: str | Path | None = None, epochs: int | None = None,

@@ -37,6 +37,14 @@ class TeacherRunner:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=_DTYPES[self.precision])
 
+    def shapes(self, sample: torch.Tensor) -> dict[str, tuple[int, ...]]:
+        """Per-sample shapes of every tap and the logits, from one forward on ``sample`` (a probe: it is not
+        counted in ``forwards``/``rows``)."""
+        forwards, rows = self.forwards, self.rows
+        out = self(sample)
+        self.forwards, self.rows = forwards, rows
+        return {k: tuple(int(d) for d in v.shape[1:]) for k, v in out.items()}
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = x.to(self.device, non_blocking=True)

@@ -25,14 +25,12 @@ from kdcore.teacher import LOGITS, TeacherRunner
 def job_manifest(job: JobSpec, split: DataSplit, runner: TeacherRunner) -> Manifest:
     """The manifest of the cache ``job`` needs: its teacher, training rows, tapped layers, views, augmentation."""
     arch = {"model": job.teacher.model.model_dump(mode="json"), "precision": job.teacher.precision}
-    sample = runner(torch.from_numpy(split.x_train[:2]))
-    runner.forwards -= 1  # a shape probe, not a teacher pass over the data
-    runner.rows -= 2
-    layers = {k: tuple(v.shape[1:]) for k, v in sample.items() if k != LOGITS}
+    shapes = runner.shapes(torch.from_numpy(split.x_train[:2]))
+    layers = {k: v for k, v in shapes.items() if k != LOGITS}
     return make_manifest(
         teacher=teacher_fingerprint(runner.model, arch),
         dataset=dataset_fingerprint(split.ids_train, split.x_train),
-        n_samples=split.n_train, layers=layers, num_classes=int(sample[LOGITS].shape[1]),
+        n_samples=split.n_train, layers=layers, num_classes=int(shapes[LOGITS][0]),
         views=job.data.views, augmentation=job.data.augment.model_dump(mode="json"), aug_seed=job.data.augment.seed,
         aug_params=n_params(job.data.augment), spec=job.features.cache)
 

@@ -14,21 +14,22 @@ from kdcore.loop import build_teacher
 from kdcore.progress import Progress
 from kdcore.spec.job import JobSpec
 from kdcore.spec.paths import resolve_paths
+from kdcore.teacher import TeacherRunner
 
 
 def ensure_cache(job: JobSpec, split: DataSplit, log: Callable[[str], None] | None = print,
-                 replicas: bool = True) -> dict[str, Any]:
+                 replicas: bool = True, runner: TeacherRunner | None = None) -> dict[str, Any]:
     """Reuse a complete matching cache at ``features.cache.uri``, else build (or resume) it.
 
     With ``replicas`` and Ray running, the teacher deployment's replicas compute and write the chunks;
-    otherwise the teacher runs in this process. Returns what happened (uri, reused, chunks, rows/s, forwards).
+    otherwise the teacher runs in this process (``runner``: one the caller already loaded). Returns what happened (uri, reused, chunks, rows/s, forwards).
     """
     job = resolve_paths(job)
     spec = job.features.cache
     if not spec.uri:
         raise UserError("features.cache.uri is not set; set it to a directory, s3://bucket/prefix or memory://name")
     say = log or (lambda _m: None)
-    runner = build_teacher(job, device="cpu")
+    runner = runner or build_teacher(job, device="cpu")
     manifest = job_manifest(job, split, runner)
     writer = CacheWriter.open_or_create(spec.uri, manifest, split.ids_train, reuse=spec.reuse,
                                         s3_endpoint=spec.s3_endpoint)

@@ -27,7 +27,8 @@ def run_job(job: JobSpec, address: str | None = None, out_dir: str | Path | None
     say = log or (lambda _msg: None)
     say(f"[{job.name}] stage: check teacher ({job.teacher.model.kind}, taps {job.teacher.taps})")
     split = load_split(job)
-    shapes = teacher_shapes_of(job, split, build_teacher(job, device="cpu"))  # fails fast on bad ckpt/taps
+    runner = build_teacher(job, device="cpu")  # fails fast on a bad checkpoint or tap, before any cluster work
+    shapes = teacher_shapes_of(job, split, runner)
     config: dict[str, Any] = {"teacher_shapes": {k: list(v) for k, v in shapes.items()}, **(extra_config or {})}
     with ray_session(job.ray, address, log=say):
         extra: dict[str, Any] = {}
@@ -36,7 +37,7 @@ def run_job(job: JobSpec, address: str | None = None, out_dir: str | Path | None
             from services.jobs.cache_build import ensure_cache
 
             say(f"[{job.name}] stage: feature cache {job.features.cache.uri}")
-            extra["cache"] = ensure_cache(job, split, log=say)
+            extra["cache"] = ensure_cache(job, split, log=say, runner=runner)
             config["cache_manifest"] = extra["cache"]["manifest"]
             say(f"[{job.name}] stage: train student from the cache")
             result = _train(job, out, config, say)

@@ -53,11 +53,8 @@ class TeacherCore:
         self.split = split if split is not None else load_split(job)
         self.runner = build_teacher(job, device=device)
         self.input_shape = tuple(int(d) for d in self.split.x_train.shape[1:])
-        probe = self.runner(torch.from_numpy(self.split.x_train[:2]))
-        self.runner.forwards -= 1
-        self.runner.rows -= 2
-        self.shapes = {k: tuple(int(d) for d in v.shape[1:]) for k, v in probe.items()}
-        self.taps = [k for k in probe if k != LOGITS]
+        self.shapes = self.runner.shapes(torch.from_numpy(self.split.x_train[:2]))
+        self.taps = [k for k in self.shapes if k != LOGITS]
         self.dims = {k: int(np.prod(self.shapes[k])) for k in self.taps}
         self.n_train = self.split.n_train
         self.views = job.data.views
