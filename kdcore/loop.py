@@ -21,6 +21,7 @@ from torch import nn
 from kdcore.data import load_arrays, make_split
 from kdcore.data.splits import DataSplit
 from kdcore.distiller import Distiller, probe_shapes
+from kdcore.errors import TrainingError
 from kdcore.export import export_student
 from kdcore.modeling import build_model, load_checkpoint, model_from_spec, save_weights
 from kdcore.progress import Progress
@@ -73,6 +74,7 @@ class Session:
     scheduler: Any
     teacher_shapes: dict[str, tuple[int, ...]]
     epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps completed (tags a remote bank's updates; restored with the checkpoint)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -99,6 +101,23 @@ def build_session(job: JobSpec, split: DataSplit, teacher_shapes: dict[str, tupl
                           n_data=split.n_train, bank_factory=bank_factory, seed=job.train.seed)
     optimizer = make_optimizer(job.train, distiller.parameters())
     return Session(job, split, student, distiller, optimizer, make_scheduler(job.train, optimizer), teacher_shapes)
+
+
+class NonFiniteLoss(TrainingError):
+    """The loss became NaN/Inf: training stops before the step is applied, the last checkpoint is kept."""
+
+    def __init__(self, epoch: int, step: int, total=None, parts=None, message: str | None = None) -> None:
+        if message is None:
+            bad = [k for k, v in (parts or {}).items() if not math.isfinite(float(v))]
+            terms = ", ".join(f"{k}={float(parts[k])}" for k in bad) or f"total={float(total)}"
+            message = (f"the loss is not finite at epoch {epoch + 1}, step {step} ({terms}); training stopped and "
+                       "the last good checkpoint was kept. Check the inputs for NaN/Inf, lower the learning rate "
+                       "or the loss weights, or set train.grad_clip")
+        super().__init__(message)
+        self.epoch, self.step = epoch, step
+
+    def __reduce__(self):
+        return (NonFiniteLoss, (self.epoch, self.step, None, None, self.message))
 
 
 class StepHooks(Protocol):
@@ -158,6 +177,8 @@ def train_epoch(session: Session, batches: Iterable[Batch], progress: Progress |
         crd_inputs = hooks.before_step(batch, nxt) if hooks is not None else None
         total, parts, _ = model(batch.x, batch.teacher, batch.y, batch.labeled, batch.idx,
                                 crd_inputs=crd_inputs, update_bank=hooks is None)
+        if not torch.isfinite(total):
+            raise NonFiniteLoss(session.epoch, step, total, parts)
         opt.zero_grad(set_to_none=True)
         total.backward()
         if clip:
@@ -165,6 +186,7 @@ def train_epoch(session: Session, batches: Iterable[Batch], progress: Progress |
         opt.step()
         if hooks is not None:
             hooks.after_step(d)
+        session.step += 1
         n = len(batch)
         n_seen += n
         sums["total"] = sums.get("total", 0.0) + total.item() * n
@@ -200,7 +222,7 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 2
 # -- checkpoints ------------------------------------------------------------------------------------
 def checkpoint_state(session: Session) -> dict[str, Any]:
     return {"distiller": session.distiller.state_dict(), "optimizer": session.optimizer.state_dict(),
-            "scheduler": session.scheduler.state_dict(), "epoch": session.epoch,
+            "scheduler": session.scheduler.state_dict(), "epoch": session.epoch, "step": session.step,
             "history": json.dumps(session.history)}
 
 
@@ -209,6 +231,7 @@ def restore_state(session: Session, state: dict[str, Any]) -> None:
     session.optimizer.load_state_dict(state["optimizer"])
     session.scheduler.load_state_dict(state["scheduler"])
     session.epoch = int(state["epoch"])
+    session.step = int(state.get("step", 0))
     session.history = json.loads(state["history"])
     # the schedule follows the *current* spec (e.g. more epochs than the interrupted run had)
     sched = session.scheduler

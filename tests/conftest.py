@@ -19,9 +19,9 @@ def ray_cluster(tmp_path_factory):
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
 
-    from services.jobs.cluster import job_env_vars
+    from services.raysession import job_env_vars
 
-    ray.init(num_cpus=4, include_dashboard=False, namespace="kd-test", log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="kd-test", log_to_driver=False,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT), **job_env_vars()}})
     yield ray
     try:

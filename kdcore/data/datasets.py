@@ -27,6 +27,17 @@ class Arrays:
         return int(self.y.max()) + 1 if len(self.y) else 0
 
 
+def check_finite(x: np.ndarray, what: str, row_offset: int = 0) -> None:
+    """Refuse NaN/Inf inputs, naming the first rows that hold them (they would poison normalisation and
+    every step after it)."""
+    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1) if x.size else np.ones(len(x), dtype=bool)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        shown = ", ".join(str(int(r) + row_offset) for r in bad[:10]) + (", ..." if len(bad) > 10 else "")
+        raise DataError(f"{what}: {len(bad)} row(s) hold NaN or Inf values (rows {shown}); fix or drop those rows "
+                        "in the dataset")
+
+
 def _finish(x: np.ndarray, y: np.ndarray, what: str) -> Arrays:
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.asarray(y)
@@ -36,6 +47,7 @@ def _finish(x: np.ndarray, y: np.ndarray, what: str) -> Arrays:
         raise DataError(f"{what}: labels must be a 1-D integer array, got shape {y.shape} dtype {y.dtype}")
     if len(y) and y.min() < 0:
         raise DataError(f"{what}: labels must be >= 0 (found {int(y.min())})")
+    check_finite(x, what)
     return Arrays(x, y.astype(np.int64), np.arange(len(y), dtype=np.int64))
 
 

@@ -91,7 +91,7 @@ def run(epochs: int = 4, modes: tuple[str, ...] = ("online", "stream", "cache"),
     started = False
     if not ray.is_initialized():
         from kdcore.spec.job import RaySpec
-        from services.jobs.cluster import ray_session
+        from services.raysession import ray_session
 
         ctx = ray_session(RaySpec(num_cpus=4), log=None)
         ctx.__enter__()

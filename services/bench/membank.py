@@ -134,7 +134,7 @@ def run(workers: int = 2, nce_k: int = 4096, feat_dim: int = 128, batch: int = 6
 
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=max(4, workers + 1), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=max(4, workers + 1), include_dashboard=False, log_to_driver=False)
         started = True
     actor = create_bank_actor("bench", f"membank-{time.time_ns()}", n_data, feat_dim, 0.5)
     try:

@@ -61,7 +61,7 @@ def build(args: argparse.Namespace) -> int:
     if args.local:
         result = ensure_cache(job, split, replicas=False)
     else:
-        from services.jobs.cluster import ray_session
+        from services.raysession import ray_session
 
         with ray_session(job.ray, args.address):
             result = ensure_cache(job, split)

@@ -46,7 +46,7 @@ def train(args: argparse.Namespace) -> int:
     if not args.local:
         if job.features.mode == "stream":
             raise UserError("features.mode stream needs the teacher deployment: use `kd run JOB.yaml`")
-        from services.jobs.cluster import ray_session
+        from services.raysession import ray_session
         from services.trainer.driver import train_student
 
         with ray_session(job.ray, args.address):

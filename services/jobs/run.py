@@ -15,7 +15,7 @@ from typing import Any, Callable
 from kdcore.loop import build_teacher, load_split, run_dir, teacher_shapes_of
 from kdcore.spec.job import JobSpec
 from kdcore.spec.paths import resolve_paths
-from services.jobs.cluster import ray_session
+from services.raysession import ray_session
 
 
 def run_job(job: JobSpec, address: str | None = None, out_dir: str | Path | None = None,

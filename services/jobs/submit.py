@@ -14,7 +14,7 @@ from typing import Iterator
 
 from kdcore.errors import UserError
 from kdcore.spec.job import JobSpec
-from services.jobs.cluster import job_env_vars
+from services.raysession import job_env_vars
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SPEC_NAME = "kd-job.yaml"

@@ -11,7 +11,7 @@ from kdcore.loop import load_split
 from kdcore.spec.paths import resolve_paths
 from kdcore.spec.sweep import SweepSpec
 from kdcore.sweep import result_row, write_tables
-from services.jobs.cluster import ray_session
+from services.raysession import ray_session
 
 
 def run_sweep(sweep: SweepSpec, out_dir: str | Path, address: str | None = None,

@@ -14,7 +14,9 @@ class RemoteBank:
 
     ``prefetch(idx, k)`` asks for the next step's positives and shared negatives while the current step
     computes; ``take()`` returns them as ``{"positives": (s, t), "negatives": (s, t)}``. Updates go out
-    without waiting (``update``), tagged (worker, step) so a retried call is applied once.
+    without waiting (``update``), tagged (worker, step) so a retried call is applied once. ``step`` is the
+    worker's global training step: the trainer sets it from its session (:meth:`at_step`) at every epoch, so
+    a worker restarted from a checkpoint sends the tags it sent before the checkpoint's successors.
     """
 
     def __init__(self, actor, n: int, dim: int, worker: int = 0, seed: int = 0) -> None:
@@ -23,6 +25,14 @@ class RemoteBank:
         self._gen = torch.Generator().manual_seed(seed * 1000 + worker)
         self._pending = None
         self._inflight_updates: list = []
+
+    def at_step(self, step: int) -> None:
+        """The tag of the next update: the training step it belongs to."""
+        self.step = int(step)
+
+    def reset(self) -> None:
+        """Reset the shared bank to its seeded initial state (a run starting without a checkpoint)."""
+        ray.get(self.actor.reset.remote())
 
     # -- BankProtocol ---------------------------------------------------------------------------
     def sample(self, k: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -54,6 +54,32 @@ def worker_error(e: BaseException) -> BaseException:
     return TrainingError(f"training failed on a worker: {type(root).__name__}: {lines[-1] if lines else ''}")
 
 
+def fit_interruptibly(trainer):
+    """``trainer.fit()`` with Ctrl-C raising ``KeyboardInterrupt`` here, like in every other stage of a job.
+
+    Called from the main thread, Ray Train replaces the SIGINT handler with one that aborts the run and
+    then exits the process (status 1, no word from kd). Run from another thread it installs none; the main
+    thread waits, and on Ctrl-C the caller's Ray session is shut down, which ends the run's controller and
+    workers with the driver that owns them (checkpoints already written stay; a rerun resumes)."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="kd-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def claim_run_dir(job: JobSpec, out: Path) -> None:
     """A run directory belongs to one spec: a rerun of the same spec resumes, another spec is refused."""
     import yaml
@@ -118,7 +144,7 @@ def train_student(job: JobSpec, out_dir: str | Path | None = None, extra_config:
         if log:
             log(f"[{job.name}] training on Ray Train: {job.train.num_workers} worker(s), features {job.features.mode}")
         try:
-            result = trainer.fit()
+            result = fit_interruptibly(trainer)
         except Exception as e:  # noqa: BLE001 - re-raised as the worker's own (picklable) error
             raise worker_error(e) from None
     finally:

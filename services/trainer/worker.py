@@ -33,6 +33,14 @@ def _event(config: dict[str, Any], rank: int, text: str) -> None:
             f.write(f"{time.time():.3f} {text}\n")
 
 
+def _dump_bank(config: dict[str, Any], name: str, bank: RemoteBank) -> None:
+    """Save a bank's state into ``events_dir`` (what tests compare after a restart)."""
+    if config.get("events_dir"):
+        d = Path(config["events_dir"])
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save(bank.state_dict(), d / name)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     # -- setup -----------------------------------------------------------------------------------
     job = JobSpec.model_validate(config["job"])
@@ -58,8 +66,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 for pair, bank in banks.items():
                     bank.load_state_dict(torch.load(Path(d) / f"bank-{pair}.pt", weights_only=False))
-        _event(config, rank, f"restored epoch={session.epoch} bank_updates="
+                    _dump_bank(config, f"restored-bank-{pair}.pt", bank)
+        _event(config, rank, f"restored epoch={session.epoch} step={session.step} bank_updates="
                + ",".join(str(b.info()["updates"]) for b in banks.values()))
+    elif rank == 0:
+        for bank in banks.values():
+            bank.reset()  # a (re)start from scratch: nothing of an earlier attempt stays in the bank
     model = session.distiller
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False,
@@ -71,6 +83,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while session.epoch < job.train.epochs:
         epoch = session.epoch
         t0 = time.perf_counter()
+        for bank in banks.values():
+            bank.at_step(session.step)  # update tags are training steps: a replay after a restart dedupes
         metrics = train_epoch(session, source.epoch(epoch, rank, world), model=model,
                               hooks=BankPrefetch(banks, crd_k) if banks else None)
         metrics.update({"epoch": epoch + 1, "time/epoch_s": time.perf_counter() - t0, "rank": rank, "world": world})
@@ -95,6 +109,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # -- cleanup ---------------------------------------------------------------------------------
     for bank in banks.values():
         bank.flush()
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        for pair, bank in banks.items():
+            _dump_bank(config, f"final-bank-{pair}.pt", bank)
     close = getattr(source, "close", None)
     if close:
         close()
