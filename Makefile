@@ -2,7 +2,7 @@
 VENV ?= .venv
 KD := $(VENV)/bin/kd
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-fast
 setup:
 	@bash scripts/setup.sh $(VENV)
 
@@ -11,3 +11,7 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# development: the tests that start no Ray and take under ~20 s each (the full suite is `make test`)
+test-fast: setup
+	$(VENV)/bin/python -m pytest -m "not slow and not ray" $(PYTEST_ARGS)

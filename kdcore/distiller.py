@@ -12,41 +12,30 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kdcore import losses as L
+from kdcore.losses import registry
+from kdcore.losses.registry import BuildContext, TermInputs, pair_names, term_name, warmup_factor
 from kdcore.projectors import build_projector
 from kdcore.spec.losses import LossSpec
 from kdcore.spec.projector import PairSpec
 from kdcore.taps import FeatureTaps
 from kdcore.teacher import LOGITS
 
-# Terms computed on features after the pair's heads (the rest take raw features or logits).
-HEADED = {"hint", "cosine", "pkt", "sp", "rkd", "infonce"}
-
-_FEATURE_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
-    "hint": lambda s, t, p: L.hint_mse(s, t, half=p.half),
-    "cosine": lambda s, t, p: L.cosine_distance(s, t),
-    "pkt": lambda s, t, p: L.pkt(s, t, eps=p.eps),
-    "sp": lambda s, t, p: L.similarity_preserving(s, t),
-    "rkd": lambda s, t, p: L.rkd(s, t, distance_weight=p.distance_weight, angle_weight=p.angle_weight),
-    "infonce": lambda s, t, p: L.info_nce(s, t, temperature=p.temperature, normalize=p.normalize),
-    "at": lambda s, t, p: L.attention_transfer(s, t, p=p.p),
-}
-
-
-def term_name(loss: LossSpec) -> str:
-    pair = getattr(loss, "pair", None)
-    return f"{loss.kind}/{pair}" if pair else loss.kind
+__all__ = ["Distiller", "probe_shapes", "term_name"]
 
 
 def _flat(shape: tuple[int, ...]) -> int:
     return int(math.prod(shape))
 
 
+def _module_key(loss: LossSpec) -> str:
+    return term_name(loss).replace("/", "__").replace("+", "_")
+
+
 class Distiller(nn.Module):
-    """Student + heads + loss terms.
+    """Student + heads + loss terms; what each term needs comes from the loss table
+    (:mod:`kdcore.losses.registry`).
 
     Args:
         student: the model being trained.
@@ -57,6 +46,11 @@ class Distiller(nn.Module):
         n_data: training rows (CRD's memory bank size).
         bank_factory: optional ``(n, dim, momentum, dtype) -> bank`` for CRD (e.g. a Ray actor proxy).
         seed: seed of CRD's bank initialisation.
+
+    Training-only modules: ``heads_s`` / ``heads_t`` (projection heads, by pair), ``crd`` (memory-bank
+    terms, by pair) and ``aux`` (every other term's own module, e.g. MGD's generator, by term).
+    A term whose ``params.warmup_epochs`` > 0 (DKD, ReviewKD) is scaled by
+    ``min((epoch + 1) / warmup_epochs, 1)``: the training loop calls :meth:`set_epoch` before each epoch.
     """
 
     def __init__(self, student: nn.Module, pairs: list[PairSpec], losses: list[LossSpec],
@@ -66,29 +60,40 @@ class Distiller(nn.Module):
         self.student = student
         self.pairs = {p.name: p for p in pairs}
         self.losses = list(losses)
+        self.entries = [registry.get(loss.kind) for loss in self.losses]
+        self.epoch: int | None = None
         self.student_layers = list(dict.fromkeys(p.student for p in pairs))
         self._taps = FeatureTaps(student, self.student_layers)  # validated once, entered per forward
         self.heads_s = nn.ModuleDict()
         self.heads_t = nn.ModuleDict()
         self.crd = nn.ModuleDict()
-        for loss in self.losses:
-            pair_name = getattr(loss, "pair", None)
-            if pair_name is None:
+        self.aux = nn.ModuleDict()
+        for loss, entry in zip(self.losses, self.entries):
+            names = pair_names(loss)
+            s_shapes, t_shapes = [], []
+            for name in names:
+                pair = self.pairs[name]
+                s_shape, t_shape = tuple(student_shapes[pair.student]), tuple(teacher_shapes[pair.teacher])
+                where = f"loss {term_name(loss)}, pair {name!r}"
+                registry.check_ranks(entry, "student", s_shape, where)
+                registry.check_ranks(entry, "teacher", t_shape, where)
+                s_shapes.append(s_shape)
+                t_shapes.append(t_shape)
+                if entry.headed and name not in self.heads_s:
+                    self._build_heads(pair, s_shape, t_shape)
+            if entry.build is None:
                 continue
-            pair = self.pairs[pair_name]
-            s_shape, t_shape = tuple(student_shapes[pair.student]), tuple(teacher_shapes[pair.teacher])
-            if loss.kind == "crd":
-                prm = loss.params
-                bank = None
-                if bank_factory is not None:
-                    bank = bank_factory(n_data, prm.feat_dim, prm.momentum, prm.bank_dtype)
-                self.crd[pair_name] = L.CRDLoss(
-                    _flat(s_shape), _flat(t_shape), feat_dim=prm.feat_dim, n_data=None if bank else n_data,
-                    nce_k=prm.nce_k, temperature=prm.temperature, momentum=prm.momentum, objective=prm.objective,
-                    negatives=prm.negatives, bank=bank, bank_dtype=torch.float16 if prm.bank_dtype == "fp16"
-                    else torch.float32, seed=seed)
-            elif loss.kind in HEADED and pair_name not in self.heads_s:
-                self._build_heads(pair, s_shape, t_shape)
+            if entry.needs == "pairs":
+                s_arg, t_arg = s_shapes, t_shapes
+            elif names:
+                s_arg, t_arg = s_shapes[0], t_shapes[0]
+            else:
+                s_arg, t_arg = tuple(student_shapes[LOGITS]), tuple(teacher_shapes[LOGITS])
+            module = entry.make_module(BuildContext(loss, s_arg, t_arg, n_data, bank_factory, seed))
+            if entry.needs == "bank":
+                self.crd[names[0]] = module
+            else:
+                self.aux[_module_key(loss)] = module
 
     def _build_heads(self, pair: PairSpec, s_shape: tuple[int, ...], t_shape: tuple[int, ...]) -> None:
         spec = pair.projector
@@ -107,9 +112,13 @@ class Distiller(nn.Module):
         if spec.sides == "both":
             self.heads_t[pair.name] = build_projector(spec, d_t, out)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The 0-based index of the epoch about to run (= epochs completed); read by warm-ups."""
+        self.epoch = int(epoch)
+
     def head_parameters(self):
-        """Parameters of the training-only parts (heads, CRD embeddings), excluding the student."""
-        for module in (self.heads_s, self.heads_t, self.crd):
+        """Parameters of the training-only parts (heads, CRD embeddings, terms' modules), excluding the student."""
+        for module in (self.heads_s, self.heads_t, self.crd, self.aux):
             yield from module.parameters()
 
     def forward(self, x: torch.Tensor, teacher: dict[str, torch.Tensor], y: torch.Tensor | None = None,
@@ -133,10 +142,17 @@ class Distiller(nn.Module):
             feats = dict(taps.features)
         total = logits.sum() * 0.0  # every student output takes part in the graph (DDP needs no unused params)
         parts: dict[str, torch.Tensor] = {}
-        for loss in self.losses:
-            value = self._term(loss, logits, feats, teacher, y, labeled, idx, crd_inputs, update_bank)
+        for loss, entry in zip(self.losses, self.entries):
+            inputs = TermInputs(loss, labels=y, labeled=labeled, epoch=self.epoch, idx=idx, update_bank=update_bank)
+            value = self._term(loss, entry, inputs, logits, feats, teacher, crd_inputs)
             if value is None:
                 continue
+            warmup = getattr(getattr(loss, "params", None), "warmup_epochs", 0) or 0
+            if warmup:
+                if self.epoch is None:
+                    raise RuntimeError(f"{term_name(loss)} has warmup_epochs: {warmup}, but the training loop never "
+                                       "called Distiller.set_epoch(epoch)")
+                value = value * warmup_factor(self.epoch, warmup)
             parts[term_name(loss)] = value.detach()
             total = total + loss.weight * value
         return total, parts, logits
@@ -150,34 +166,35 @@ class Distiller(nn.Module):
                 out[name] = u
         return out
 
-    def _term(self, loss, logits, feats, teacher, y, labeled, idx, crd_inputs, update_bank):
-        kind = loss.kind
-        if kind == "ce":
-            if y is None:
-                return None
-            mask = labeled if labeled is not None else torch.ones_like(y, dtype=torch.bool)
-            if not bool(mask.any()):
-                return None  # a batch with no labels has no task term
-            return F.cross_entropy(logits[mask], y[mask], label_smoothing=loss.params.label_smoothing)
-        if kind == "kd":
-            return L.kd_kl(logits, teacher[LOGITS].to(logits.dtype), loss.params.temperature)
-        pair = self.pairs[loss.pair]
-        f_s, f_t = feats[pair.student], teacher[pair.teacher].to(logits.dtype)
-        if kind == "crd":
-            if idx is None:
-                raise ValueError("crd needs the batch's training-row indices (idx)")
-            given = (crd_inputs or {}).get(loss.pair, {})
-            return self.crd[loss.pair](f_s.flatten(1), f_t.flatten(1), idx, negatives=given.get("negatives"),
-                                       positives=given.get("positives"), update_bank=update_bank)
-        if kind == "at":
-            return _FEATURE_LOSSES["at"](f_s, f_t, loss.params)
-        z_s = self.heads_s[loss.pair](f_s)
-        z_t = self.heads_t[loss.pair](f_t) if loss.pair in self.heads_t else f_t
+    def _term(self, loss, entry, inputs, logits, feats, teacher, crd_inputs):
+        names = pair_names(loss)
+        if entry.needs in ("labels", "logits"):
+            inputs.student = logits
+            inputs.teacher = teacher[LOGITS].to(logits.dtype) if entry.needs == "logits" else None
+            inputs.module = self.aux[_module_key(loss)] if entry.build is not None else None
+            return entry.run(inputs)
+        sides = [(feats[self.pairs[n].student], teacher[self.pairs[n].teacher].to(logits.dtype)) for n in names]
+        if entry.needs == "pairs":
+            inputs.student, inputs.teacher = [s for s, _ in sides], [t for _, t in sides]
+        else:
+            inputs.student, inputs.teacher = sides[0]
+        if entry.needs == "bank":
+            inputs.module = self.crd[names[0]]
+            inputs.bank_inputs = (crd_inputs or {}).get(names[0], {})
+        elif entry.build is not None:
+            inputs.module = self.aux[_module_key(loss)]
+        if entry.headed:
+            inputs.student, inputs.teacher = self._project(names[0], *sides[0])
+        return entry.run(inputs)
+
+    def _project(self, pair: str, f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z_s = self.heads_s[pair](f_s)
+        z_t = self.heads_t[pair](f_t) if pair in self.heads_t else f_t
         if z_s.dim() > 2 and z_s.shape != z_t.shape:
-            raise ValueError(f"pair {loss.pair!r}: projected student {tuple(z_s.shape)} vs teacher {tuple(z_t.shape)}")
+            raise ValueError(f"pair {pair!r}: projected student {tuple(z_s.shape)} vs teacher {tuple(z_t.shape)}")
         if z_s.dim() != z_t.dim():
             z_s, z_t = z_s.flatten(1), z_t.flatten(1)
-        return _FEATURE_LOSSES[kind](z_s, z_t, loss.params)
+        return z_s, z_t
 
 
 @torch.no_grad()

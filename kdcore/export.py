@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from kdcore.modeling import build_model, load_checkpoint, save_weights
@@ -38,7 +37,3 @@ def load_student(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     model = load_checkpoint(build_model(source), out / WEIGHTS)
     return model.eval(), meta
 
-
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model.eval()(x)

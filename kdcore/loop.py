@@ -18,17 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcore.data import load_arrays, make_split
-from kdcore.data.splits import DataSplit
+from kdcore.data.order import buffered_batches
+from kdcore.data.splits import DataSplit, make_split
 from kdcore.distiller import Distiller, probe_shapes
 from kdcore.errors import TrainingError
 from kdcore.export import export_student
 from kdcore.modeling import build_model, load_checkpoint, model_from_spec, save_weights
 from kdcore.progress import Progress
-from kdcore.sources import Batch, OnlineFeatures
+from kdcore.feed import Batch, OnlineFeatures, epoch_rows, read_group
 from kdcore.spec.job import JobSpec
 from kdcore.spec.train import TrainSpec
-from kdcore.teacher import LOGITS, TeacherRunner
+from kdcore.teacher import TeacherRunner
 
 
 def seed_everything(seed: int) -> None:
@@ -79,7 +79,8 @@ class Session:
 
 
 def load_split(job: JobSpec) -> DataSplit:
-    return make_split(load_arrays(job.data.source), job.data)
+    """The job's dataset as a split over a row reader (only metadata is loaded)."""
+    return make_split(job.data)
 
 
 def build_teacher(job: JobSpec, device: str | None = None) -> TeacherRunner:
@@ -95,7 +96,7 @@ def build_session(job: JobSpec, split: DataSplit, teacher_shapes: dict[str, tupl
     """Seeded student, heads, optimiser and schedule for ``job``."""
     seed_everything(job.train.seed)
     student = model_from_spec(job.student.model, job.student.checkpoint)
-    sample = torch.from_numpy(split.x_train[:2])
+    sample = torch.from_numpy(split.sample(2))
     student_shapes = probe_shapes(student, job.student.tapped_layers(), sample)
     distiller = Distiller(student, job.student.pairs, job.losses, student_shapes, teacher_shapes,
                           n_data=split.n_train, bank_factory=bank_factory, seed=job.train.seed)
@@ -167,6 +168,7 @@ def train_epoch(session: Session, batches: Iterable[Batch], progress: Progress |
     ``hooks`` the CRD bank lives elsewhere: its inputs come from ``hooks.before_step`` and its updates go out
     in ``hooks.after_step`` instead of being applied in place."""
     d, opt, clip = session.distiller, session.optimizer, session.job.train.grad_clip
+    d.set_epoch(session.epoch)  # loss warm-ups (DKD, ReviewKD) follow the epoch
     model = model if model is not None else d
     model.train()
     sums: dict[str, float] = {}
@@ -205,18 +207,32 @@ def train_epoch(session: Session, batches: Iterable[Batch], progress: Progress |
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> dict[str, float]:
-    """Accuracy and cross-entropy of ``model`` on (x, y)."""
+def evaluate_batches(model: nn.Module, batches) -> dict[str, float]:
+    """Top-1 and top-5 accuracy and cross-entropy of ``model`` over ``(x, y)`` numpy batches."""
     was = model.training
     model.eval()
-    correct, loss, n = 0, 0.0, len(y)
-    for s in range(0, n, batch_size):
-        xb, yb = torch.from_numpy(x[s:s + batch_size]), torch.from_numpy(y[s:s + batch_size])
+    top1, top5, loss, n = 0, 0, 0.0, 0
+    for xb, yb in batches:
+        xb, yb = torch.from_numpy(np.ascontiguousarray(xb)), torch.from_numpy(np.asarray(yb))
         logits = model(xb)
         loss += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
+        best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        top1 += int((best[:, 0] == yb).sum())
+        top5 += int((best == yb[:, None]).any(dim=1).sum())
+        n += len(yb)
     model.train(was)
-    return {"val/acc": correct / max(n, 1), "val/loss": loss / max(n, 1)}
+    n = max(n, 1)
+    return {"val/acc": top1 / n, "val/top5": top5 / n, "val/loss": loss / n}
+
+
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> dict[str, float]:
+    """:func:`evaluate_batches` over arrays (x, y)."""
+    return evaluate_batches(model, ((x[s:s + batch_size], y[s:s + batch_size]) for s in range(0, len(y), batch_size)))
+
+
+def evaluate_split(model: nn.Module, split: DataSplit, batch_size: int = 256) -> dict[str, float]:
+    """:func:`evaluate_batches` over the split's evaluation rows (``data.eval`` or the held-out rows), streamed."""
+    return evaluate_batches(model, split.val_batches(batch_size))
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
@@ -292,7 +308,7 @@ def train_local(job: JobSpec, out_dir: str | Path | None = None, resume: bool = 
         metrics["epoch"] = e + 1
         metrics["time/epoch_s"] = time.perf_counter() - t0
         if (e + 1) % job.train.eval_every == 0 or e + 1 == job.train.epochs:
-            metrics.update(evaluate(session.student, split.x_val, split.y_val, job.data.eval_batch_size))
+            metrics.update(evaluate_split(session.student, split, job.data.eval_batch_size))
         session.history.append(metrics)
         if (e + 1) % job.train.checkpoint.every_epochs == 0 or e + 1 == job.train.epochs:
             save_checkpoint(session, out / "checkpoints")
@@ -309,7 +325,7 @@ def teacher_shapes_of(job: JobSpec, split: DataSplit, teacher: TeacherRunner | N
     """Per-sample shapes of the teacher's tapped layers and logits."""
     if teacher is None:
         teacher = build_teacher(job, device="cpu")
-    return teacher.shapes(torch.from_numpy(split.x_train[:2]))
+    return teacher.shapes(torch.from_numpy(split.sample(2)))
 
 
 def train_teacher_local(job: JobSpec, out_path: str | Path | None = None, epochs: int | None = None,
@@ -321,21 +337,20 @@ def train_teacher_local(job: JobSpec, out_path: str | Path | None = None, epochs
     spec = job.train.model_copy(update={"epochs": epochs or job.train.epochs})
     opt = make_optimizer(spec, model.parameters())
     sched = make_scheduler(spec, opt)
-    n, bs = split.n_train, job.data.batch_size
+    n, bs, d = split.n_train, job.data.batch_size, job.data
     history = []
     for e in range(spec.epochs):
         model.train()
-        order = np.random.default_rng([job.train.seed, e]).permutation(n)
+        rows = epoch_rows(n, job.train.seed, e, 0, 1, d.window(), d.mix_windows)
         with Progress(n, f"[teacher] epoch {e + 1}/{spec.epochs}", enabled=progress) as bar:
-            for s in range(0, n, bs):
-                r = order[s:s + bs]
-                loss = F.cross_entropy(model(torch.from_numpy(split.x_train[r])), torch.from_numpy(split.y_train[r]))
+            for r, got in buffered_batches(rows, bs, read_group(split, d, bs), lambda g: {"x": split.train_inputs(g)}):
+                loss = F.cross_entropy(model(torch.from_numpy(got["x"])), torch.from_numpy(split.y_train[r]))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 bar.update(len(r), postfix=f"loss {loss.item():.4f}")
         sched.step()
-        history.append({"epoch": e + 1, **evaluate(model, split.x_val, split.y_val)})
+        history.append({"epoch": e + 1, **evaluate_split(model, split, d.eval_batch_size)})
     path = Path(out_path or job.teacher.checkpoint or (run_dir(job) / "teacher.safetensors"))
     save_weights(model, path)
     if log:

@@ -19,6 +19,14 @@ sample with a 1x1 map), where batch statistics do not exist. ``l2_normalize`` di
 output sample by its L2 norm (conv outputs: over the flattened C*H*W map). ``weight_norm``
 reparametrises every linear / conv weight (``torch.nn.utils.parametrizations.weight_norm``).
 Non-conv heads flatten B x ... inputs to B x d.
+
+Ensembles (Chen et al., "Improved Feature Distillation via Projector Ensemble", NeurIPS 2022):
+``ensemble: n`` builds n independently initialised heads of the same kind and averages their outputs
+(:class:`ProjectorEnsemble`). The authors' heads are linear maps each followed by a ReLU, compared with
+the cosine loss; kd's ``linear`` heads have no activation.
+
+Over 300 lines because every head kind, its shape rules and the ensemble live together: the spec's
+projector options map onto this one file.
 """
 
 from __future__ import annotations
@@ -123,7 +131,42 @@ def _conv_layer(in_ch: int, out_ch: int, in_hw, out_hw) -> nn.Module:
     )
 
 
+class ProjectorEnsemble(Projector):
+    """The mean of several heads' outputs: ``z = (1/n) sum_i g_i(h)``; each head initialised independently."""
+
+    def __init__(self, heads: list[Projector]) -> None:
+        first = heads[0]
+        super().__init__(first.kind, first.in_dim, first.out_dim, nn.ModuleList(heads), first.flatten,
+                         l2_normalize=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(x) for head in self.body]).mean(dim=0)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, in_dim={self.in_dim}, out_dim={self.out_dim}, ensemble={len(self.body)}"
+
+
 def build_projector(
+    spec: Any,
+    in_dim: int,
+    out_dim: int | None,
+    *,
+    in_hw: int | tuple[int, int] | None = None,
+    out_hw: int | tuple[int, int] | None = None,
+) -> Projector:
+    """Build a head from ``spec`` (a ProjectorSpec or anything with its attributes): one, or with
+    ``spec.ensemble`` = n > 1 a :class:`ProjectorEnsemble` of n (see :func:`build_one_projector`).
+    """
+    n = int(getattr(spec, "ensemble", 1) or 1)
+    if n < 1:
+        raise UserError(f"projector ensemble must be >= 1, got {n}")
+    if n > 1 and getattr(spec, "kind", "linear") == "identity":
+        raise UserError("an identity head has no parameters to ensemble; pick kind linear/mlp/conv/lowrank")
+    heads = [build_one_projector(spec, in_dim, out_dim, in_hw=in_hw, out_hw=out_hw) for _ in range(n)]
+    return heads[0] if n == 1 else ProjectorEnsemble(heads)
+
+
+def build_one_projector(
     spec: Any,
     in_dim: int,
     out_dim: int | None,

@@ -29,7 +29,9 @@ TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEAL
 
 def job_env_vars() -> dict[str, str]:
     """Environment variables every kd job carries into its Ray actors and workers."""
-    return dict(TRAIN_ENV)
+    from services.memtune import ENV
+
+    return {**ENV, **TRAIN_ENV}
 
 
 def inside_ray_job() -> bool:

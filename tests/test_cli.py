@@ -31,11 +31,16 @@ def test_every_command_has_help(cmd, capsys):
     assert "usage: kd" in capsys.readouterr().out
 
 
-def test_console_script_runs():
+def test_console_script_runs(tmp_path):
     kd = Path(sys.executable).with_name("kd")
-    r = subprocess.run([str(kd), "validate", str(ROOT / "examples" / "digits_kd.yaml")], capture_output=True, text=True)
+    spec = str(ROOT / "examples" / "digits_kd.yaml")
+    r = subprocess.run([str(kd), "validate", "--schema-only", spec], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "ok" in r.stdout
+    # from a directory without the teacher's checkpoint the deep checks say how to get one
+    r = subprocess.run([str(kd), "validate", spec], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "teacher.checkpoint: checkpoint file not found" in r.stderr, r.stderr
+    assert "kd train-teacher" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_validate_broken_spec_exits_2_with_every_problem(tmp_path, digits_job, capsys):

@@ -766,6 +766,6 @@ def test_deployed_job_specs_pass_kd_validate(rendered, tmp_path):
         paths[-1].write_text(text)
     kd = Path(sys.executable).parent / "kd"
     cmd = [str(kd)] if kd.exists() else [sys.executable, "-m", "services.cli.main"]
-    out = subprocess.run(cmd + ["validate", *map(str, paths)], capture_output=True, text=True, timeout=120,
+    out = subprocess.run(cmd + ["validate", "--offline", *map(str, paths)], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stdout + out.stderr

@@ -47,7 +47,7 @@ def test_study_rejects_unknown_names(tmp_path):
     with pytest.raises(ValueError, match="unknown"):
         distill.run(seeds=(0,), settings=("half",), out_dir=tmp_path, log=None)
     with pytest.raises(ValueError, match="unknown"):
-        distill.run(seeds=(0,), methods=("dkd",), out_dir=tmp_path, log=None)
+        distill.run(seeds=(0,), methods=("mlkd",), out_dir=tmp_path, log=None)
 
 
 def test_every_method_builds_a_valid_job_in_both_settings():

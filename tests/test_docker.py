@@ -448,6 +448,6 @@ def test_compose_job_specs_use_the_shared_volume_and_validate(tmp_path):
         pytest.skip("the kd CLI (services/cli/main.py) does not exist yet")
     kd = Path(sys.executable).parent / "kd"
     cmd = [str(kd)] if kd.exists() else [sys.executable, "-m", "services.cli.main"]
-    out = subprocess.run(cmd + ["validate", *map(str, specs)], capture_output=True, text=True, timeout=120,
+    out = subprocess.run(cmd + ["validate", "--offline", *map(str, specs)], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stdout + out.stderr

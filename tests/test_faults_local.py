@@ -48,3 +48,23 @@ def test_a_loss_that_turns_nan_stops_with_exit_1_and_keeps_the_last_good_checkpo
     assert state["epoch"] == 2 and state["step"] == 24
     assert all(torch.isfinite(v).all() for v in state["distiller"].values() if v.is_floating_point())
     assert not (tmp_path / "runs" / "t" / "student").exists()
+
+
+def test_kd_run_refuses_student_mistakes_before_starting_ray(tmp_path, digits_job, capsys):
+    import time
+
+    job = copy.deepcopy(digits_job)
+    job["output"] = {"dir": str(tmp_path / "runs")}
+    bad_kwarg, bad_tap = copy.deepcopy(job), copy.deepcopy(job)
+    bad_kwarg["student"]["model"]["kwargs"] = {"width": 4, "depth": 3}
+    bad_tap["student"]["pairs"][0]["student"] = "embedd"
+    t0 = time.perf_counter()
+    assert main(["run", str(_write(tmp_path, bad_kwarg))]) == 2
+    assert main(["run", str(_write(tmp_path, bad_tap))]) == 2
+    seconds = time.perf_counter() - t0
+    captured = capsys.readouterr()
+    err, out = captured.err, captured.out
+    assert "student.model.kwargs.depth" in err and "did you mean 'width'" in err, err
+    assert "student.pairs.0.student" in err and "'embed'" in err, err
+    assert seconds < 20, f"the checks took {seconds:.1f} s"
+    assert "stage: check the job" in out and "Ray" not in out  # nothing was started

@@ -78,7 +78,7 @@ BAD = [
     ("wrong-type", _with("data.batch_size", "many"), "data.batch_size", "integer"),
     ("bad-enum", _with("features.mode", "fast"), "features.mode", "online"),
     ("bad-model-kind", _with("teacher.model.kind", "hub"), "teacher.model.kind", "factory"),
-    ("bad-loss-kind", _with("losses.1", {"kind": "dkd"}), "losses.1.kind", "crd"),
+    ("bad-loss-kind", _with("losses.1", {"kind": "mlkd"}), "losses.1.kind", "crd"),
     ("bad-target-form", _with("teacher.model.target", "no_colon"), "teacher.model.target", "package.module:function"),
     ("missing-required", _with("data", _DELETE), "data", "required"),
     ("missing-pair-layer", _with("student.pairs.0.teacher", "embedd"), "student.pairs.0.teacher", "embed"),

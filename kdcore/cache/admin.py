@@ -1,14 +1,15 @@
-"""Cache housekeeping: info, ls, rm, find_cache, invalidate_chunks (behind `kd cache info|ls|rm`)."""
+"""Cache housekeeping: info, ls, rm, find_cache, invalidate_chunks (behind `kd cache info|ls|rm|verify --repair`);
+``verify`` checks the chunks."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
 
-from kdcore.cache import markers
 from kdcore.cache.handle import CacheHandle, read_manifest
 from kdcore.cache.manifest import Manifest, differences
-from kdcore.cache.store import CacheStore, list_children, parse_uri
+from kdcore.cache.stores import list_children, open_store, parse_uri
+from kdcore.cache.writer import CacheWriter
 from kdcore.errors import CacheError
 
 
@@ -91,7 +92,7 @@ def ls(root: str | os.PathLike, *, s3_endpoint: str | None = None) -> list[Cache
     candidates = [parse_uri(root).uri] + list_children(root, s3_endpoint=s3_endpoint)
     for uri in candidates:
         try:
-            store = CacheStore(uri, s3_endpoint=s3_endpoint, read_only=True)
+            store = open_store(uri, s3_endpoint=s3_endpoint, read_only=True)
             m = read_manifest(store)
         except CacheError:
             continue
@@ -121,7 +122,7 @@ def find_cache(root: str | os.PathLike, expected: Manifest, *, s3_endpoint: str 
     for e in entries:
         if not e.complete or e.teacher != expected.teacher or e.dataset != expected.dataset:
             continue
-        found = read_manifest(CacheStore(e.uri, s3_endpoint=s3_endpoint, read_only=True))
+        found = read_manifest(open_store(e.uri, s3_endpoint=s3_endpoint, read_only=True))
         if found is not None and found.complete and not differences(expected, found):
             return e.uri
     return None
@@ -131,26 +132,24 @@ def rm(uri: str | os.PathLike, *, s3_endpoint: str | None = None, force: bool = 
     """Delete a cache. Refuses (CacheError) a location that is not a kd cache unless ``force``.
     Returns False when there was nothing there."""
     try:
-        store = CacheStore(uri, s3_endpoint=s3_endpoint)
+        store = open_store(uri, s3_endpoint=s3_endpoint)
     except CacheError:
         return False
     if read_manifest(store) is None and not force:
         if store.get("zarr.json") is None and not store.list_dir(""):
             return False
         raise CacheError(f"{store.uri} is not a kd cache (no manifest); not removing it (use force to remove anyway)")
-    store.remove_all()
+    store.remove()
     return True
 
 
 def invalidate_chunks(uri: str | os.PathLike, chunks, *, s3_endpoint: str | None = None) -> int:
     """Delete the done markers of ``chunks`` (e.g. the corrupted ones a verify found) so the next
     `kd cache build` rewrites them; the cache is marked incomplete. Returns how many were removed."""
-    from kdcore.cache.writer import CacheWriter
-
-    w = CacheWriter(CacheHandle.open(uri, s3_endpoint=s3_endpoint, read_only=False))
+    w = CacheWriter.open(uri, s3_endpoint=s3_endpoint)
     chunks = sorted({int(c) for c in chunks})
     for c in chunks:
         if not 0 <= c < w.n_chunks:
             raise CacheError(f"chunk {c} out of range (cache has {w.n_chunks} chunks)")
-    existing = markers.done_chunks(w.handle.store)
+    existing = w.done_chunks()
     return w.invalidate([c for c in chunks if c in existing])

@@ -16,8 +16,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec
 
-from kdcore.cache.markers import checksum
-from kdcore.cache.store import CacheStore
+from kdcore.cache.checksum import checksum
+from kdcore.cache.stores import CacheStore
 from kdcore.errors import CacheError
 
 
@@ -54,7 +54,8 @@ class ArrayIO:
     def write(self, i: int, data: np.ndarray, algorithm: str = "crc32c") -> str:
         """Store chunk ``i`` (``data``: exactly its rows, storage dtype); returns the checksum of ``data``.
 
-        Uncompressed local chunks are checksummed while they are written (one pass over memory)."""
+        Uncompressed chunks are checksummed while they are written where the store can (local: one pass
+        over memory)."""
         start, stop = self.bounds(i)
         data = np.ascontiguousarray(data, dtype=self.dtype)
         if self.raw:
@@ -62,12 +63,8 @@ class ArrayIO:
             if stop - start < self.chunk_rows:  # last chunk: zarr stores it padded to the full chunk shape
                 payload = np.zeros((self.chunk_rows, *self.row_shape), dtype=self.dtype)
                 payload[: stop - start] = data
-            if algorithm == "crc32c" and self.store.kind == "local":
-                fused = self.store.put_chunk(self.key(i), payload, crc_bytes=data.nbytes)
-                if fused is not None:
-                    return fused
-            self.store.put_chunk(self.key(i), payload, crc_bytes=0)
-            return checksum(data, algorithm)
+            fused = self.store.put_chunk(self.key(i), payload, crc_bytes=data.nbytes if algorithm == "crc32c" else 0)
+            return fused if fused is not None and algorithm == "crc32c" else checksum(data, algorithm)
         self.arr[start:stop] = data
         return checksum(data, algorithm)
 
@@ -81,16 +78,16 @@ class ArrayIO:
             data = self.store.map(self.key(i), rows * self.row_bytes)
             if data is None:
                 raise CacheError(
-                    f"chunk {i} of {self.path} is missing from {self.store.uri}; run `kd cache verify {self.store.uri}`"
-                )
+                    f"chunk {i} of {self.path} is missing from {self.store.uri}; run `kd cache verify --repair "
+                    f"{self.store.uri}`, then rerun", chunk=i, array=self.path, uri=self.store.uri)
             return data.view(self.dtype).reshape(rows, *self.row_shape)
         try:
             return self.arr[start:stop]
         except Exception as err:  # decode failures of a damaged object
             raise CacheError(
                 f"chunk {i} of {self.path} in {self.store.uri} cannot be decoded ({err}); "
-                f"run `kd cache verify {self.store.uri}`"
-            ) from err
+                f"run `kd cache verify --repair {self.store.uri}`, then rerun", chunk=i, array=self.path,
+                uri=self.store.uri) from err
 
     def read(self, i: int) -> np.ndarray:
         """Chunk ``i``'s rows as a fresh writable array."""

@@ -15,6 +15,8 @@ Arrays of the zarr group (paths relative to the cache root):
 - ``aug``            ``(n_rows, P)`` float32 augmentation parameters of each row (absent when P = 0)
 - ``sample_ids``     ``(n_samples,)`` int64, the dataset ids, written once at creation
 - ``kd_done/``       a group whose objects ``NNNNNNNN.json`` are the per-chunk done markers
+- ``kd_lease/``      plain objects ``NNNNNNNN.json`` (not zarr): leases of builders computing chunks
+  (see ``lease``), and ``create.json`` while a builder creates the cache
 
 Chunk objects use zarr's default chunk key encoding with a "." separator (``layers/x/c.12.0``): one
 object per chunk directly in the array's directory, no directory per chunk.
@@ -26,11 +28,14 @@ Storage dtypes: fp16 -> float16, fp32 -> float32, bf16 -> uint16 holding the bf1
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kdcore.errors import UserError
+
+if TYPE_CHECKING:
+    from kdcore.cache.manifest import Manifest
 
 STORAGE_DTYPES: dict[str, np.dtype] = {
     "fp16": np.dtype(np.float16),
@@ -44,6 +49,7 @@ TOPK_VAL = "logits_topk_val"
 AUG = "aug"
 SAMPLE_IDS = "sample_ids"
 DONE_GROUP = "kd_done"
+LEASE_GROUP = "kd_lease"
 
 _LAYER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
@@ -56,6 +62,35 @@ def layer_array(name: str) -> str:
             "(module paths such as 'backbone.layer4' are fine)"
         )
     return f"layers/{name}"
+
+
+def output_key(path: str) -> str:
+    """The compute_fn / batch key of an array path (``layers/x`` -> ``x``)."""
+    return path[len("layers/"):] if path.startswith("layers/") else path
+
+
+def array_specs(m: "Manifest") -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Per-row arrays of a cache: zarr path -> (row shape, storage dtype). Keys of compute_fn outputs are
+    layer names, "logits" (or the two top-k arrays) and "aug"; see ``output_key``."""
+    dt = storage_dtype(m.dtype)
+    specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    for name, shape in m.layers.items():
+        specs[layer_array(name)] = (tuple(shape), dt)
+    if m.num_classes is not None:
+        if m.logits_topk is None:
+            specs[LOGITS] = ((m.num_classes,), dt)
+        else:
+            specs[TOPK_IDX] = ((m.logits_topk,), np.dtype(np.int32))
+            specs[TOPK_VAL] = ((m.logits_topk,), dt)
+    if m.aug_params > 0:
+        specs[AUG] = ((m.aug_params,), np.dtype(np.float32))
+    return specs
+
+
+def logical_dtype(path: str, dtype: str) -> str:
+    """What an array's values are (``fp16``/``fp32``/``bf16`` for features and logits, the numpy name of
+    the fixed-dtype arrays)."""
+    return {TOPK_IDX: "int32", AUG: "float32"}.get(path, dtype)
 
 
 def storage_dtype(dtype: str) -> np.dtype:
@@ -90,12 +125,6 @@ def rows_to_samples(row_start: int, row_stop: int, views: int) -> tuple[np.ndarr
     """(sample index, view index) of each row in ``[row_start, row_stop)``."""
     rows = np.arange(row_start, row_stop, dtype=np.int64)
     return rows // views, rows % views
-
-
-def view_seed(aug_seed: int, sample_id: int, view: int) -> int:
-    """A deterministic 63-bit seed for the augmentation of (sample, view): replay it to redo the view."""
-    ss = np.random.SeedSequence([int(aug_seed) & 0xFFFFFFFFFFFFFFFF, int(sample_id) & 0xFFFFFFFFFFFFFFFF, int(view)])
-    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def float_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -144,3 +173,20 @@ def to_storage(value: Any, dtype: str) -> np.ndarray:
     if arr.dtype.kind not in "fiu":
         raise UserError(f"cannot store an array of dtype {arr.dtype} as {dtype}")
     return arr.astype(target)
+
+
+def topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (int32) and values of the k largest logits per row, by descending value; among equal
+    values the lower class index comes first (also at the cut-off). O(classes) per row."""
+    x = np.asarray(logits, dtype=np.float32)
+    rows, classes = x.shape
+    kth = np.partition(x, classes - k, axis=1)[:, classes - k][:, None]  # k-th largest value per row
+    above = x > kth
+    tied = x == kth
+    room = k - above.sum(axis=1, keepdims=True)  # how many tied values still fit
+    chosen = above | (tied & (np.cumsum(tied, axis=1) <= room))
+    idx = np.nonzero(chosen)[1].reshape(rows, k)  # ascending class index within each row
+    vals = np.take_along_axis(x, idx, axis=1)
+    order = np.argsort(-vals, axis=1, kind="stable")  # stable: ties keep ascending index
+    idx = np.take_along_axis(idx, order, axis=1)
+    return idx.astype(np.int32), np.take_along_axis(vals, order, axis=1)

@@ -14,16 +14,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Mapping
 
 from kdcore.cache.fingerprint import canonical_json
-from kdcore.cache.layout import (
-    AUG,
-    LOGITS,
-    STORAGE_DTYPES,
-    TOPK_IDX,
-    TOPK_VAL,
-    layer_array,
-    n_chunks,
-    storage_dtype,
-)
+from kdcore.cache.layout import STORAGE_DTYPES, array_specs, logical_dtype, n_chunks
 from kdcore.errors import CacheError, CacheMismatchError, UserError
 
 if TYPE_CHECKING:
@@ -143,18 +134,8 @@ class Manifest:
         """The manifest as stored; ``arrays`` (derived, informative) lists every per-row array with its
         shape and dtypes."""
         d = _plain(asdict(self))
-        store = storage_dtype(self.dtype).name
-        arrays = {layer_array(n): {"shape": [self.n_rows, *s], "dtype": self.dtype, "stored_as": store}
-                  for n, s in self.layers.items()}
-        if self.num_classes is not None:
-            if self.logits_topk is None:
-                arrays[LOGITS] = {"shape": [self.n_rows, self.num_classes], "dtype": self.dtype, "stored_as": store}
-            else:
-                k = self.logits_topk
-                arrays[TOPK_IDX] = {"shape": [self.n_rows, k], "dtype": "int32", "stored_as": "int32"}
-                arrays[TOPK_VAL] = {"shape": [self.n_rows, k], "dtype": self.dtype, "stored_as": store}
-        if self.aug_params:
-            arrays[AUG] = {"shape": [self.n_rows, self.aug_params], "dtype": "float32", "stored_as": "float32"}
+        arrays = {path: {"shape": [self.n_rows, *shape], "dtype": logical_dtype(path, self.dtype),
+                         "stored_as": dtype.name} for path, (shape, dtype) in array_specs(self).items()}
         d["arrays"] = arrays
         d["n_rows"] = self.n_rows
         d["n_chunks"] = self.n_chunks
@@ -173,6 +154,17 @@ class Manifest:
             return cls(**{k: v for k, v in data.items() if k in known})
         except TypeError as err:
             raise CacheError(f"cache manifest is malformed: {err}") from None
+
+    @classmethod
+    def from_group_meta(cls, raw: bytes, *, uri: str) -> "Manifest | None":
+        """The manifest in a cache's root ``zarr.json``; None when the group has none (not, or not yet, a
+        kd cache)."""
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            raise CacheError(f"{uri}/zarr.json is not valid JSON; the cache is damaged, remove it and rebuild")
+        attrs = (meta.get("attributes") or {}).get(ATTR_KEY)
+        return None if attrs is None else cls.from_dict(attrs)
 
     def with_updates(self, **changes: Any) -> "Manifest":
         return replace(self, **changes)

@@ -1,4 +1,5 @@
-"""Per-chunk done markers: one small JSON object per finished chunk, ``kd_done/NNNNNNNN.json``.
+"""Per-chunk done markers: one small JSON object per finished chunk, ``kd_done/NNNNNNNN.json`` (the data,
+and its I/O over any ``CacheStore``).
 
 A marker is written only after every array of its chunk is stored, so "marker exists" means "chunk
 done". One object per chunk (not a shared done-array) means two writers never touch the same
@@ -11,44 +12,15 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
-import numpy as np
-
+from kdcore.cache.checksum import checksum
 from kdcore.cache.layout import DONE_GROUP
-from kdcore.cache.store import CacheStore
+
+if TYPE_CHECKING:
+    from kdcore.cache.stores import CacheStore
 
 _NAME = re.compile(r"^(\d{8,})\.json$")
-
-try:  # hardware CRC32C, ~10 GB/s; zarr itself depends on google-crc32c
-    import google_crc32c as _crc32c
-except ImportError:  # pragma: no cover - zarr requires it
-    _crc32c = None
-
-
-def checksum(data: np.ndarray, algorithm: str = "crc32c") -> str:
-    """Checksum of an array's C-order bytes (the rows of one chunk, without padding), as hex text."""
-    flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-    if algorithm == "crc32c":
-        if _crc32c is None:  # pragma: no cover
-            raise RuntimeError("google-crc32c is not installed")
-        return f"{_crc32c.value(flat):08x}"
-    if algorithm == "sha256":
-        import hashlib
-
-        return hashlib.sha256(flat).hexdigest()
-    raise ValueError(f"unknown checksum algorithm {algorithm!r}")
-
-
-def crc32c_extend(crc: int, data: np.ndarray) -> int:
-    """CRC32C of ``data`` (uint8, contiguous) continuing ``crc``."""
-    if _crc32c is None:  # pragma: no cover
-        raise RuntimeError("google-crc32c is not installed")
-    return _crc32c.extend(crc, data)
-
-
-def default_algorithm() -> str:
-    return "crc32c" if _crc32c is not None else "sha256"
-
 
 DONE_PREFIX = DONE_GROUP
 
@@ -80,6 +52,16 @@ class ChunkMarker:
                    writer=int(d.get("writer", 0)), written_at=str(d.get("written_at", "")))
 
 
+def mismatch(marker: ChunkMarker, path: str, data) -> str | None:
+    """What is wrong with ``data`` (the chunk's rows of array ``path``, without padding) against the
+    checksum the marker recorded; None when it matches."""
+    want = marker.checksums.get(path)
+    if want is None:
+        return f"{path}: no checksum in the marker"
+    got = checksum(data, marker.algorithm)
+    return None if got == want else f"{path}: {marker.algorithm} {got} != recorded {want}"
+
+
 def write_marker(store: CacheStore, marker: ChunkMarker) -> None:
     store.set(marker_key(marker.chunk), marker.to_json())
 
@@ -103,6 +85,10 @@ def done_chunks(store: CacheStore) -> set[int]:
         if m:
             out.add(int(m.group(1)))
     return out
+
+
+def is_done(store: CacheStore, i: int) -> bool:
+    return store.exists(marker_key(i))
 
 
 def delete_marker(store: CacheStore, i: int) -> None:

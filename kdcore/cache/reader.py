@@ -13,6 +13,11 @@ Each epoch (``set_epoch``):
    populated by the loading thread; the maps are kept across epochs, up to ``max_maps``), S3/memory
    chunks are fetched whole, compressed chunks are decoded by zarr. A batch is gathered with one copy
    from those chunk arrays into fresh arrays the caller owns.
+5. every chunk is checked, by the thread that loads it, against the checksums its writer recorded in
+   the chunk's done marker (``verify``, on by default): a chunk whose bytes changed since it was
+   written raises ``CacheError`` naming the chunk, the array and the fix (``kd cache verify --repair``,
+   then rerun) instead of training on NaN or garbage. A kept map is checked once, when it is made,
+   other chunks each time they are fetched: one CRC32C pass per chunk load (``kd bench cache``).
 
 Reading whole chunks keeps every read sequential (a random 256-row batch straight from zarr decodes
 every chunk it touches); the price is that rows are shuffled within a window of chunks, not globally.
@@ -35,15 +40,16 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from kdcore.cache.handle import CacheHandle, output_key
-from kdcore.cache.layout import AUG, LOGITS, TOPK_IDX, TOPK_VAL, bf16_bits_to_float32, layer_array
+from kdcore.cache import markers
+from kdcore.cache.handle import CacheHandle
+from kdcore.cache.layout import AUG, LOGITS, TOPK_IDX, TOPK_VAL, bf16_bits_to_float32, layer_array, output_key
 from kdcore.cache.manifest import Manifest, check_manifest
-from kdcore.errors import UserError
+from kdcore.errors import CacheError, UserError
 
 if TYPE_CHECKING:
     from kdcore.spec.features import CacheSpec
 
-Batch = dict
+CacheRows = dict  # one batch of cache rows: {row, sample_id, view, aug, features, logits...} numpy arrays
 
 
 class CacheLoader:
@@ -67,6 +73,7 @@ class CacheLoader:
         expected: Manifest | None = None,
         s3_endpoint: str | None = None,
         max_maps: int = 8192,
+        verify: bool = True,
     ) -> None:
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1 (got {batch_size})")
@@ -94,18 +101,14 @@ class CacheLoader:
         self.prefetch = prefetch
         self.as_float32 = as_float32
         self.drop_last = drop_last
+        self.verify = verify
         self.epoch = 0
         names = list(m.layers) if layers is None else list(layers)
         unknown = [n for n in names if n not in m.layers]
         if unknown:
             raise UserError(f"layers {unknown} are not in the cache at {self.handle.uri} (it has {sorted(m.layers)})")
         self.layers = names
-        paths = [layer_array(n) for n in names]
-        if logits and m.num_classes is not None:
-            paths += [LOGITS] if m.logits_topk is None else [TOPK_IDX, TOPK_VAL]
-        if m.aug_params > 0:
-            paths.append(AUG)
-        self._paths = paths
+        paths = self._paths = chunk_paths(m, names, logits)
         self._ids = self.handle.sample_ids()
         self._cr = m.chunk_rows
         self._out_specs = []  # (path, batch key, is a layer, row shape, storage dtype, cast or None)
@@ -117,8 +120,8 @@ class CacheLoader:
             self._out_specs.append((path, output_key(path), path.startswith("layers/"), io.row_shape, io.dtype, cast))
         # local uncompressed caches are memory-mapped; the maps are kept across epochs (bounded: each map
         # is one kernel mapping, and vm.max_map_count is ~65k by default)
-        local_raw = self.handle.store.kind == "local" and all(self.handle.arrays[p].raw for p in paths)
-        self._maps: OrderedDict[int, dict[str, np.ndarray]] | None = OrderedDict() if local_raw else None
+        keep = self.handle.store.maps_files and all(self.handle.arrays[p].raw for p in paths)
+        self._maps: OrderedDict[int, dict[str, np.ndarray]] | None = OrderedDict() if keep else None
         self._max_maps = max(2 * (shuffle_window + prefetch), max_maps // max(1, len(paths)))
         self._maps_lock = threading.Lock()
 
@@ -164,7 +167,7 @@ class CacheLoader:
         return math.ceil(self.rows_for(self.epoch, self.rank) / self.batch_size)
 
     # ---- iteration -----------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[CacheRows]:
         epoch, rank, cr, bs = self.epoch, self.rank, self._cr, self.batch_size
         chunks = self.chunks_for(epoch, rank)
         windows = [chunks[k:k + self.window] for k in range(0, len(chunks), self.window)]
@@ -183,7 +186,7 @@ class CacheLoader:
 
         try:
             served = 0
-            carry: Batch | None = None
+            carry: CacheRows | None = None
             for w, blocks in enumerate(windows):
                 ensure((w + 1) * self.window + self.prefetch)
                 srcs = [futures.popleft().result() for _ in blocks]
@@ -223,20 +226,23 @@ class CacheLoader:
         """The chunk's rows of every array read, as (read-only) arrays. Memory-mapped local chunks are kept
         (up to ``max_maps``) and reused by later epochs, like one np.memmap of a file would be."""
         if self._maps is None:
-            return {path: self.handle.arrays[path].view(chunk) for path in self._paths}
+            return self._read(chunk)
         with self._maps_lock:
             hit = self._maps.get(chunk)
             if hit is not None:
                 self._maps.move_to_end(chunk)
                 return hit
-        views = {path: self.handle.arrays[path].view(chunk) for path in self._paths}
+        views = self._read(chunk)
         with self._maps_lock:
             self._maps[chunk] = views
             while len(self._maps) > self._max_maps:
                 self._maps.popitem(last=False)
         return views
 
-    def _gather(self, srcs: list[dict[str, np.ndarray]], base: np.ndarray, pos: np.ndarray) -> Iterator[Batch]:
+    def _read(self, chunk: int) -> dict[str, np.ndarray]:
+        return read_chunk(self.handle, chunk, self._paths, verify=self.verify)
+
+    def _gather(self, srcs: list[dict[str, np.ndarray]], base: np.ndarray, pos: np.ndarray) -> Iterator[CacheRows]:
         """One batch per row of ``pos`` (k, n): the rows at those window positions (slot * chunk_rows +
         offset), in ascending position order. Bookkeeping is vectorised over the k batches; the batches
         themselves are made one at a time (so their memory is recycled by the allocator, not faulted in)."""
@@ -258,7 +264,7 @@ class CacheLoader:
             bounds = starts[b * n_src:(b + 1) * n_src + 1]  # batch b's rows of slot s: bounds[s]:bounds[s+1]
             parts = [(srcs[s], bounds[s] - lo, bounds[s + 1] - lo) for s in range(n_src) if bounds[s] < bounds[s + 1]]
             loc = local[b]
-            batch: Batch = {"row": rows[b], "sample_id": sample_ids[b], "view": view[b], AUG: no_aug}
+            batch: CacheRows = {"row": rows[b], "sample_id": sample_ids[b], "view": view[b], AUG: no_aug}
             feats = {}
             for path, key, is_layer, row_shape, dtype, cast in self._out_specs:
                 value = np.empty((n, *row_shape), dtype=dtype)
@@ -274,12 +280,45 @@ class CacheLoader:
             yield batch
 
 
+def chunk_paths(manifest: Manifest, layers: Sequence[str] | None = None, logits: bool = True) -> list[str]:
+    """The arrays a reader of ``layers`` (default all) needs: features, logits (or top-k), augmentation."""
+    paths = [layer_array(n) for n in (manifest.layers if layers is None else layers)]
+    if logits and manifest.num_classes is not None:
+        paths += [LOGITS] if manifest.logits_topk is None else [TOPK_IDX, TOPK_VAL]
+    if manifest.aug_params > 0:
+        paths.append(AUG)
+    return paths
+
+
+def read_chunk(handle: CacheHandle, chunk: int, paths: Sequence[str] | None = None,
+               verify: bool = True) -> dict[str, np.ndarray]:
+    """Chunk ``chunk`` of each array in ``paths`` (default :func:`chunk_paths`), read-only, in its storage dtype;
+    with ``verify``, checked against the checksums its writer recorded in the chunk's done marker: a chunk whose
+    bytes changed since it was written raises ``CacheError`` naming the chunk, the array and the fix."""
+    paths = chunk_paths(handle.manifest) if paths is None else paths
+    views = {path: handle.arrays[path].view(chunk) for path in paths}
+    if not verify:
+        return views
+    uri = handle.uri
+    fix = f"run `kd cache verify --repair {uri}`, then rerun (the build rewrites only the damaged chunks)"
+    marker = markers.read_marker(handle.store, chunk)
+    if marker is None:
+        raise CacheError(f"chunk {chunk} of the cache at {uri} has no readable done marker, so its checksums "
+                         f"cannot be checked; {fix}", chunk=chunk, array=None, uri=uri)
+    for path, data in views.items():
+        problem = markers.mismatch(marker, path, data)
+        if problem:
+            raise CacheError(f"chunk {chunk} (rows {marker.row_start}:{marker.row_stop}) of array {path!r} in the "
+                             f"cache at {uri} is corrupted ({problem}); {fix}", chunk=chunk, array=path, uri=uri)
+    return views
+
+
 def _to_float32(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float32)
 
 
-def _concat(a: Batch, b: Batch) -> Batch:
-    out: Batch = {}
+def _concat(a: CacheRows, b: CacheRows) -> CacheRows:
+    out: CacheRows = {}
     for key, value in a.items():
         if key == "features":
             out[key] = {k: np.concatenate([v, b[key][k]]) for k, v in value.items()}

@@ -37,10 +37,9 @@ class VerifyReport:
         return d
 
 
-def _check_array(io: ArrayIO, i: int, expected: str | None, algorithm: str) -> str | None:
+def _check_array(io: ArrayIO, i: int, marker: markers.ChunkMarker) -> str | None:
     start, stop = io.bounds(i)
-    rows = stop - start
-    if expected is None:
+    if marker.checksums.get(io.path) is None:
         return f"{io.path}: no checksum in the marker"
     try:
         if io.raw:
@@ -50,17 +49,14 @@ def _check_array(io: ArrayIO, i: int, expected: str | None, algorithm: str) -> s
             want = io.chunk_rows * io.row_bytes
             if data.nbytes != want:
                 return f"{io.path}: chunk object has {data.nbytes} bytes, expected {want}"
-            value = data[: rows * io.row_bytes]
+            value = data[: (stop - start) * io.row_bytes]
         else:
             if not io.exists(i):
                 return f"{io.path}: chunk object missing"
             value = np.ascontiguousarray(io.arr[start:stop])
     except Exception as err:  # noqa: BLE001 - any read/decode failure is corruption
         return f"{io.path}: unreadable ({type(err).__name__}: {err})"
-    got = markers.checksum(value, algorithm)
-    if got != expected:
-        return f"{io.path}: checksum {got} != recorded {expected}"
-    return None
+    return markers.mismatch(marker, io.path, value)
 
 
 def _check_chunk(handle: CacheHandle, i: int) -> list[str]:
@@ -75,7 +71,7 @@ def _check_chunk(handle: CacheHandle, i: int) -> list[str]:
     if extra:
         problems.append(f"marker lists unknown arrays {extra}")
     for path, io in handle.arrays.items():
-        problem = _check_array(io, i, marker.checksums.get(path), marker.algorithm)
+        problem = _check_array(io, i, marker)
         if problem:
             problems.append(problem)
     return problems
@@ -121,6 +117,6 @@ def format_verify(report: VerifyReport) -> str:
         for problem in report.corrupted[i]:
             lines.append(f"  chunk {i}: {problem}")
     if not report.ok:
-        lines.append("  fix: `kd cache build JOB.yaml` writes missing chunks; invalidate corrupted ones first "
-                     "(kdcore.cache.invalidate_chunks) so the build rewrites them")
+        lines.append(f"  fix: `kd cache verify --repair {report.uri}` marks corrupted chunks missing; then "
+                     "`kd cache build JOB.yaml` (or rerun the job) writes the missing chunks")
     return "\n".join(lines)

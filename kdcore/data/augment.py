@@ -3,28 +3,78 @@
 Each (sample id, view) has its own parameters, drawn from ``(seed, id, view)`` alone, so the teacher (when
 its features are cached) and the student (when it reads them back) apply exactly the same transform.
 Parameters are a float32 row per sample: ``shift_noise`` -> (dy, dx, noise_seed); ``crop_flip`` ->
-(dy, dx, flip). ``none`` has no parameters.
+(dy, dx, flip); ``random_resized_crop`` -> (top, left, height, width, flip) of the crop box, as drawn by
+torchvision's ``RandomResizedCrop.get_params`` (10 tries, then a centre crop of clamped aspect), replayed
+with torch's bilinear antialiased resize. ``none`` has no parameters. View 0 is always the clean input
+(for random_resized_crop: a centre crop of ``size``).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from kdcore.spec.data import AugmentSpec
 
-_N_PARAMS = {"none": 0, "shift_noise": 3, "crop_flip": 3}
+_N_PARAMS = {"none": 0, "shift_noise": 3, "crop_flip": 3, "random_resized_crop": 5}
 
 
 def n_params(spec: AugmentSpec) -> int:
     return _N_PARAMS[spec.kind]
 
 
-def augment_params(spec: AugmentSpec, ids: np.ndarray, views: np.ndarray | int) -> np.ndarray:
-    """Parameters (len(ids), n_params) for each (id, view); view 0 of any sample is the identity."""
+def output_shape(spec: AugmentSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Per-sample shape after augmentation of inputs shaped ``shape`` (C, H, W)."""
+    if spec.kind == "random_resized_crop" and spec.size:
+        return (*shape[:-2], spec.size, spec.size)
+    return tuple(shape)
+
+
+def _rrc_box(rng: np.random.Generator, h: int, w: int, scale, ratio) -> tuple[int, int, int, int]:
+    area = h * w
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_r))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def _centre_box(h: int, w: int, size: int | None) -> tuple[int, int, int, int]:
+    ch, cw = min(h, size or h), min(w, size or w)
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def augment_params(spec: AugmentSpec, ids: np.ndarray, views: np.ndarray | int,
+                   image_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Parameters (len(ids), n_params) for each (id, view); view 0 of any sample is the identity (or the
+    centre crop). ``image_hw`` (the inputs' height and width) is needed by random_resized_crop."""
     ids = np.asarray(ids, dtype=np.int64)
     views = np.broadcast_to(np.asarray(views, dtype=np.int64), ids.shape)
     out = np.zeros((len(ids), n_params(spec)), dtype=np.float32)
     if spec.kind == "none":
+        return out
+    if spec.kind == "random_resized_crop":
+        if image_hw is None:
+            raise ValueError("random_resized_crop needs the input's (height, width)")
+        h, w = image_hw
+        for i, (sid, v) in enumerate(zip(ids.tolist(), views.tolist())):
+            if v == 0:
+                out[i] = (*_centre_box(h, w, spec.size), 0)
+                continue
+            rng = np.random.default_rng([spec.seed, sid, v])
+            box = _rrc_box(rng, h, w, spec.scale, spec.ratio)
+            out[i] = (*box, int(rng.integers(0, 2)) if spec.flip else 0)
         return out
     s = spec.max_shift
     for i, (sid, v) in enumerate(zip(ids.tolist(), views.tolist())):
@@ -47,10 +97,30 @@ def _shift(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
+def _resized_crops(spec: AugmentSpec, x: np.ndarray, params: np.ndarray) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    size = spec.size or x.shape[-1]
+    out = np.empty((len(x), *x.shape[1:-2], size, size), dtype=np.float32)
+    src = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    for i in range(len(x)):
+        top, left, h, w, flip = (int(v) for v in params[i])
+        crop = src[i:i + 1, ..., top:top + h, left:left + w]
+        if (h, w) != (size, size):
+            crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        if flip:
+            crop = crop.flip(-1)
+        out[i] = crop[0].numpy()
+    return out
+
+
 def apply_augment(spec: AugmentSpec, x: np.ndarray, params: np.ndarray) -> np.ndarray:
     """Apply the per-row ``params`` to a batch ``x`` (B, C, H, W); returns a new array."""
     if spec.kind == "none" or params.shape[1] == 0:
         return x
+    if spec.kind == "random_resized_crop":
+        return _resized_crops(spec, x, params)
     out = np.empty_like(x)
     for i in range(len(x)):
         dy, dx, third = (int(v) for v in params[i])

@@ -42,3 +42,8 @@ def attention_transfer(student_map: torch.Tensor, teacher_map: torch.Tensor, p: 
     if tuple(t.shape[2:]) != size:
         t = F.adaptive_avg_pool2d(t, size)
     return (attention_map(s, p) - attention_map(t, p)).pow(2).mean()
+
+
+def term(inp) -> torch.Tensor:
+    """Distiller adapter (``kdcore.losses.registry.TermInputs``): the raw student and teacher maps."""
+    return attention_transfer(inp.student, inp.teacher, p=inp.params.p)

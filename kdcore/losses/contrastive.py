@@ -39,3 +39,8 @@ def info_nce(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float = 0.07, no
     logits = s @ te.t() / t
     targets = torch.arange(s.shape[0], device=s.device)
     return F.cross_entropy(logits, targets)
+
+
+def term(inp) -> torch.Tensor:
+    """Distiller adapter (``kdcore.losses.registry.TermInputs``)."""
+    return info_nce(inp.student, inp.teacher, temperature=inp.params.temperature, normalize=inp.params.normalize)

@@ -30,3 +30,8 @@ def cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tenso
         raise ValueError("cosine: inputs need a batch dimension, got scalars")
     s, t = common_float("cosine", student, teacher)
     return 1.0 - F.cosine_similarity(flat(s), flat(t), dim=1, eps=1e-8).mean()
+
+
+def term(inp) -> torch.Tensor:
+    """Distiller adapter (``kdcore.losses.registry.TermInputs``)."""
+    return cosine_distance(inp.student, inp.teacher)

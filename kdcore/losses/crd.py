@@ -20,6 +20,9 @@ Reference semantics kept here:
 
 The NCE terms are evaluated in log space (``log P = s / T - log Z``), which is the same number
 without overflowing ``exp`` at small temperatures; scores are computed in at least fp32.
+
+Over 300 lines: the module, both objectives, both negative modes and the remote-bank protocol are one
+method and are kept together with its distiller adapters.
 """
 
 from __future__ import annotations
@@ -367,3 +370,24 @@ class CRDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"n_data={self.n_data}, nce_k={self.nce_k}, T={self.temperature}, objective={self.objective!r}, "
                 f"negatives={self.negatives!r}")
+
+
+def build(ctx) -> CRDLoss:
+    """Distiller adapter (``kdcore.losses.registry.BuildContext``): the pair's CRD module and its bank."""
+    prm = ctx.spec.params
+    bank = None
+    if ctx.bank_factory is not None:
+        bank = ctx.bank_factory(ctx.n_data, prm.feat_dim, prm.momentum, prm.bank_dtype)
+    return CRDLoss(math.prod(ctx.student_shape), math.prod(ctx.teacher_shape), feat_dim=prm.feat_dim,
+                   n_data=None if bank else ctx.n_data, nce_k=prm.nce_k, temperature=prm.temperature,
+                   momentum=prm.momentum, objective=prm.objective, negatives=prm.negatives, bank=bank,
+                   bank_dtype=torch.float16 if prm.bank_dtype == "fp16" else torch.float32, seed=ctx.seed)
+
+
+def term(inp) -> torch.Tensor:
+    """Distiller adapter (``kdcore.losses.registry.TermInputs``): raw features flattened, the batch's rows."""
+    if inp.idx is None:
+        raise ValueError("crd needs the batch's training-row indices (idx)")
+    given = inp.bank_inputs or {}
+    return inp.module(inp.student.flatten(1), inp.teacher.flatten(1), inp.idx, negatives=given.get("negatives"),
+                      positives=given.get("positives"), update_bank=inp.update_bank)

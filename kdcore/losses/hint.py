@@ -35,3 +35,8 @@ def hint_mse(student: torch.Tensor, teacher: torch.Tensor, half: bool = False) -
     if half:
         return 0.5 * sq.sum() / s.shape[0]
     return sq.mean()
+
+
+def term(inp) -> torch.Tensor:
+    """Distiller adapter (``kdcore.losses.registry.TermInputs``): projected student vs teacher features."""
+    return hint_mse(inp.student, inp.teacher, half=inp.params.half)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcore.losses._checks import common_float, positive, same_shape
+from kdcore.losses._logits import maybe_standardize
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -39,3 +40,9 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
     # log_target=True: identical to kl_div(log p_s, p_t) but exact where p_t underflows.
     kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
     return kl * (t * t) / s.shape[0]
+
+
+def term(inp) -> torch.Tensor:
+    """Distiller adapter (``kdcore.losses.registry.TermInputs``); ``logit_stand`` z-scores both sides first."""
+    s, t = maybe_standardize(inp.student, inp.teacher, inp.params.logit_stand)
+    return kd_kl(s, t, inp.params.temperature)

@@ -41,3 +41,8 @@ def pkt(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-7) -> torc
     p_s = _conditional(s, eps)
     p_t = _conditional(t, eps)
     return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+
+
+def term(inp) -> torch.Tensor:
+    """Distiller adapter (``kdcore.losses.registry.TermInputs``)."""
+    return pkt(inp.student, inp.teacher, eps=inp.params.eps)

@@ -68,3 +68,9 @@ def rkd(
     loss_d = F.smooth_l1_loss(_normalised_distances(s), t_d)
     loss_a = F.smooth_l1_loss(_angles(s), t_a)
     return distance_weight * loss_d + angle_weight * loss_a
+
+
+def term(inp) -> torch.Tensor:
+    """Distiller adapter (``kdcore.losses.registry.TermInputs``)."""
+    p = inp.params
+    return rkd(inp.student, inp.teacher, distance_weight=p.distance_weight, angle_weight=p.angle_weight)

@@ -30,3 +30,8 @@ def similarity_preserving(student: torch.Tensor, teacher: torch.Tensor) -> torch
     g_t = F.normalize(t @ t.t(), p=2, dim=1)
     b = s.shape[0]
     return (g_t - g_s).pow(2).sum() / (b * b)
+
+
+def term(inp) -> torch.Tensor:
+    """Distiller adapter (``kdcore.losses.registry.TermInputs``)."""
+    return similarity_preserving(inp.student, inp.teacher)

@@ -9,7 +9,9 @@ from kdcore.spec.features import CacheSpec, FeaturesSpec, StreamSpec
 from kdcore.spec.job import JobSpec, OutputSpec, RaySpec, cross_field_problems
 from kdcore.spec.loading import load_yaml, validate_model
 from kdcore.spec.losses import (
-    ATLoss, CELoss, CosineLoss, CRDLoss, CRDParams, HintLoss, InfoNCELoss, KDLoss, LossSpec, PKTLoss, RKDLoss, SPLoss,
+    ATLossSpec, CELossSpec, CosineLossSpec, CRDLossSpec, CRDParams, DISTLossSpec, DKDLossSpec, HintLossSpec,
+    InfoNCELossSpec, KDLossSpec, LossSpec, MGDLossSpec, NKDLossSpec, PKTLossSpec, ReviewKDLossSpec, RKDLossSpec,
+    SPLossSpec, SRDLossSpec, loss_union,
 )
 from kdcore.spec.models import FactoryModel, ModelSource, TimmModel, TorchvisionModel
 from kdcore.spec.projector import PairSpec, ProjectorSpec
@@ -18,8 +20,9 @@ from kdcore.spec.train import CheckpointSpec, OptimizerSpec, ScheduleSpec, Train
 
 __all__ = [
     "Spec", "JobSpec", "TeacherSpec", "StudentSpec", "ServeSpec", "HTTPSpec", "AutoscalingSpec", "PairSpec",
-    "ProjectorSpec", "LossSpec", "CELoss", "KDLoss", "HintLoss", "CosineLoss", "PKTLoss", "SPLoss", "RKDLoss",
-    "ATLoss", "InfoNCELoss", "CRDLoss", "CRDParams", "DataSpec", "AugmentSpec", "SklearnDigits", "NpzData",
+    "ProjectorSpec", "LossSpec", "loss_union", "CELossSpec", "KDLossSpec", "DKDLossSpec", "DISTLossSpec",
+    "NKDLossSpec", "HintLossSpec", "CosineLossSpec", "PKTLossSpec", "SPLossSpec", "RKDLossSpec", "ATLossSpec",
+    "InfoNCELossSpec", "CRDLossSpec", "CRDParams", "MGDLossSpec", "SRDLossSpec", "ReviewKDLossSpec", "DataSpec", "AugmentSpec", "SklearnDigits", "NpzData",
     "ParquetData", "ImageFolderData", "FactoryData", "FeaturesSpec", "StreamSpec", "CacheSpec", "TrainSpec",
     "OptimizerSpec", "ScheduleSpec", "CheckpointSpec", "RaySpec", "OutputSpec", "FactoryModel", "TorchvisionModel",
     "TimmModel", "ModelSource", "cross_field_problems", "load_yaml", "validate_model",

@@ -41,6 +41,9 @@ class CacheSpec(Spec):
     s3_endpoint: str | None = Field(default=None, description="S3-compatible endpoint URL (default: AWS or $AWS_ENDPOINT_URL).")
     shuffle_window: int = Field(default=8, ge=1, description="Chunks mixed together when shuffling rows.")
     prefetch: int = Field(default=4, ge=1, description="Chunk reads in flight in background threads.")
+    decode_workers: int | None = Field(default=None, ge=1, description="Ray jobs: concurrent Ray Data tasks that "
+                                       "read cache chunks and decode and augment their input rows for the training "
+                                       "workers (default 2).")
 
 
 class FeaturesSpec(Spec):

@@ -13,12 +13,13 @@ from kdcore.errors import Problem
 from kdcore.spec.base import Spec, raise_problems
 from kdcore.spec.data import DataSpec
 from kdcore.spec.features import FeaturesSpec
-from kdcore.spec.losses import NEEDS_RAW_TEACHER, LossSpec
+from kdcore.losses.registry import get as loss_entry
+from kdcore.losses.registry import pair_names
+from kdcore.spec.losses import LossSpec
 from kdcore.spec.roles import StudentSpec, TeacherSpec
 from kdcore.spec.train import TrainSpec
 
 JOB_NAME = r"^[a-z0-9]([a-z0-9\-_]{0,61}[a-z0-9])?$"
-PAIRED_LOSSES = ("hint", "cosine", "pkt", "sp", "rkd", "at", "infonce", "crd")
 
 
 class RaySpec(Spec):
@@ -126,27 +127,34 @@ def cross_field_problems(job: JobSpec) -> list[Problem]:
     if all(loss.weight == 0 for loss in job.losses):
         out.append(Problem("losses", "every loss weight is 0, nothing would be trained", None, "give one term weight > 0"))
 
-    seen: dict[tuple[str, str | None], int] = {}
+    seen: dict[tuple[str, tuple[str, ...]], int] = {}
+    projected = job.features.mode == "stream" and job.features.stream.payload == "projected"
     for i, loss in enumerate(job.losses):
-        pair = getattr(loss, "pair", None)
-        key = (loss.kind, pair)
+        refs = pair_names(loss)
+        key = (loss.kind, tuple(refs))
         if key in seen:
             out.append(Problem(f"losses.{i}", f"duplicate {loss.kind} term (same as losses.{seen[key]})", None,
                                "merge them into one term with the summed weight"))
         seen.setdefault(key, i)
-        if pair is not None and pair not in names:
-            out.append(Problem(f"losses.{i}.pair", "no student pair has this name", pair,
-                               _closest(pair, names) if names else "add a pair under student.pairs"))
-        if job.features.mode == "stream" and job.features.stream.payload == "projected" and loss.kind in NEEDS_RAW_TEACHER:
+        field = "pairs" if getattr(loss, "pairs", None) else "pair"
+        for j, pair in enumerate(refs):
+            if pair not in names:
+                where = f"losses.{i}.pairs.{j}" if field == "pairs" else f"losses.{i}.pair"
+                out.append(Problem(where, "no student pair has this name", pair,
+                                   _closest(pair, names) if names else "add a pair under student.pairs"))
+        if field == "pairs" and len(set(refs)) != len(refs):
+            out.append(Problem(f"losses.{i}.pairs", "a pair is named twice", refs, "name each pair once"))
+        reason = loss_entry(loss.kind).raw_reason
+        if projected and reason:
             out.append(Problem(f"losses.{i}.kind", f"{loss.kind} cannot use projected stream features "
-                               f"({NEEDS_RAW_TEACHER[loss.kind]})", loss.kind,
+                               f"({reason})", loss.kind,
                                "set features.stream.payload: raw, or use features.mode: cache"))
 
     n = job.data.source.known_size()
     if n is not None:
         n_train = n - int(round(n * job.data.val_fraction))
         for i, loss in enumerate(job.losses):
-            if loss.kind == "crd" and loss.params.nce_k >= n_train:
+            if loss_entry(loss.kind).needs == "bank" and loss.params.nce_k >= n_train:
                 out.append(Problem(f"losses.{i}.params.nce_k", f"must be smaller than the {n_train} training rows",
                                    loss.params.nce_k, f"use at most {n_train - 1}"))
         if job.data.labeled_rows is not None:

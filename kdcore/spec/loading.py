@@ -11,6 +11,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from kdcore.errors import Problem, SpecError
+from kdcore.losses.registry import kinds as loss_kinds
+from kdcore.spec.losses import LossSpec, loss_union
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -64,16 +66,17 @@ def problems_from_validation(cls: type[BaseModel], err: ValidationError) -> list
                 out.append(Problem(path, p.message, p.value, p.fix))
             continue
         clean = _clean_loc(loc)
+        tagged = tuple(x for x in loc if not (isinstance(x, str) and "[" in x))  # keeps the union tags
         path = _dotted(clean)
         value = e.get("input")
         if kind == "extra_forbidden":
-            known = _fields_at(cls, clean[:-1])
+            known = _fields_at(cls, tagged[:-1])
             key = str(clean[-1]) if clean else ""
             close = difflib.get_close_matches(key, known, n=1)
             fix = f"did you mean {close[0]!r}?" if close else (f"allowed keys: {', '.join(known)}" if known else "remove it")
             out.append(Problem(path, "unknown key", None, fix))
         elif kind == "missing":
-            out.append(Problem(path, "required field is missing", None, about=_describe(cls, clean)))
+            out.append(Problem(path, "required field is missing", None, about=_describe(cls, tagged)))
         elif kind in ("union_tag_invalid", "literal_error", "enum"):
             expected = ctx.get("expected_tags") or ctx.get("expected")
             got = ctx.get("tag", value)
@@ -87,17 +90,18 @@ def problems_from_validation(cls: type[BaseModel], err: ValidationError) -> list
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, "):]
             shown = value if not isinstance(value, (dict, list)) else None
-            out.append(Problem(path, msg[0].lower() + msg[1:] if msg else msg, shown, about=_describe(cls, clean)))
+            out.append(Problem(path, msg[0].lower() + msg[1:] if msg else msg, shown, about=_describe(cls, tagged)))
     return out
 
 
 def _clean_loc(loc: tuple) -> tuple:
     """Drop pydantic's union-member tags (e.g. 'factory', 'function-after[...]') from a location."""
-    return tuple(x for x in loc if not (isinstance(x, str) and ("[" in x or x in _TAGS)))
+    tags = _TAGS | set(loss_kinds())
+    return tuple(x for x in loc if not (isinstance(x, str) and ("[" in x or x in tags)))
 
 
-_TAGS = {"factory", "torchvision", "timm", "sklearn_digits", "npz", "parquet", "imagefolder", "ce", "kd", "hint",
-         "cosine", "pkt", "sp", "rkd", "at", "infonce", "crd"}
+# Union-member tags of the model and data sources; the loss kinds come from the loss table.
+_TAGS = {"factory", "torchvision", "timm", "sklearn_digits", "npz", "parquet", "imagefolder"}
 
 
 def _model_at(cls: type[BaseModel], loc: tuple) -> Any:
@@ -111,6 +115,8 @@ def _model_at(cls: type[BaseModel], loc: tuple) -> Any:
 
 
 def _candidates(tp: Any) -> list[type[BaseModel]]:
+    if tp is LossSpec:
+        return _candidates(loss_union())
     origin = typing.get_origin(tp)
     if origin is typing.Annotated:
         return _candidates(typing.get_args(tp)[0])
@@ -131,6 +137,11 @@ def _step(current: Any, part: Any) -> Any:
             return typing.get_args(current)[0]
         return current
     models = _candidates(current)
+    if len(models) > 1 and isinstance(part, str):  # a union member's tag: that member
+        for m in models:
+            kind = m.model_fields.get("kind")
+            if kind is not None and typing.get_args(kind.annotation) == (part,):
+                return m
     for m in models:
         if part in m.model_fields:
             return m.model_fields[part].annotation

@@ -33,6 +33,11 @@ class ProjectorSpec(Spec):
     batchnorm: bool = Field(default=True, description="BatchNorm inside mlp/conv heads (skipped for a one-sample batch).")
     l2_normalize: bool = Field(default=False, description="L2-normalise the head's output, z/||z||.")
     weight_norm: bool = Field(default=False, description="Apply weight normalisation to the head's linear/conv layers.")
+    ensemble: int = Field(
+        default=1, ge=1, le=16,
+        description="Number of independently initialised heads whose outputs are averaged (projector ensemble, "
+        "Chen et al. 2022); 1: a single head.",
+    )
     sides: Literal["student", "both"] = Field(
         default="student",
         description="Which side gets a head: student only (FitNets, maps into the teacher's space) or both "
@@ -44,6 +49,9 @@ class ProjectorSpec(Spec):
         if self.kind == "identity" and self.sides == "both" and self.out_dim is not None:
             raise_problems([Problem("out_dim", "an identity head has no out_dim", self.out_dim,
                                     "remove out_dim or pick kind linear/mlp")])
+        if self.kind == "identity" and self.ensemble > 1:
+            raise_problems([Problem("ensemble", "an identity head has no parameters to ensemble", self.ensemble,
+                                    "remove ensemble or pick kind linear/mlp/conv/lowrank")])
         return self
 
     def resolved_out_dim(self, teacher_dim: int) -> int:

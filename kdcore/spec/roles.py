@@ -34,6 +34,12 @@ class HTTPSpec(Spec):
     token_file: str | None = Field(default=None, description="File holding a bearer token (alternative to token_env).")
     max_batch: int = Field(default=1024, gt=0, description="Largest batch one request may carry (422 above).")
     max_body_mb: float = Field(default=64.0, gt=0, description="Largest request body in MB (413 above).")
+    body_read_timeout_s: float = Field(
+        default=30.0, gt=0, description="Seconds a request body may take to arrive in full; a slower (or stalled) "
+        "client gets 408 and its connection is closed.")
+    max_inflight_bodies: int = Field(
+        default=64, gt=0, description="Request bodies a replica holds at once (being received or computed); "
+        "requests above it get 503 with Retry-After at once, so held connections cannot take every request slot.")
 
 
 class ServeSpec(Spec):

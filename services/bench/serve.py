@@ -74,10 +74,10 @@ def _noop_deployment():
     class NoopBatched:
         """Dynamic batching with no model: answers each request with zero arrays of the teacher's shapes."""
 
-        def __init__(self, shapes: dict[str, list[int]], max_batch_size: int, timeout_s: float) -> None:
+        def __init__(self, shapes: dict[str, list[int]], limits) -> None:
             self.shapes = {k: tuple(v) for k, v in shapes.items()}
-            self._batch.set_max_batch_size(max_batch_size)
-            self._batch.set_batch_wait_timeout_s(timeout_s)
+            self._batch.set_max_batch_size(limits.max_batch_size)  # the teacher's limits (options.batch_limits)
+            self._batch.set_batch_wait_timeout_s(limits.batch_wait_timeout_s)
 
         @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=_rows_in)
         async def _batch(self, items: list[np.ndarray]) -> list[dict[str, Any]]:
@@ -106,6 +106,7 @@ def run(rows: int = 4096, batch: int = 256, width: int = 48, threads: int = 1, s
 
     from kdcore.loop import build_teacher, load_split
     from services.teacher.app import delete_teacher_app, deployment_options, run_teacher_app
+    from services.teacher.options import batch_limits
     from services.teacher.stream import StreamFeatures
     from services.teacher.wire import payload_nbytes
 
@@ -124,7 +125,7 @@ def run(rows: int = 4096, batch: int = 256, width: int = 48, threads: int = 1, s
     shapes = {k: list(v.shape[1:]) for k, v in runner(torch.from_numpy(inputs[0][:2])).items()}
     noop_opts = deployment_options(job)
     try:
-        noop = _noop_deployment().options(**noop_opts).bind(shapes, batch, job.teacher.serve.batch_wait_timeout_s)
+        noop = _noop_deployment().options(**noop_opts).bind(shapes, batch_limits(job.teacher.serve))
         serve.run_many([serve.RunTarget(noop, name=NOOP_APP, route_prefix=None)], wait_for_applications_running=False)
         handle = run_teacher_app(job, name=TEACHER_APP, route_prefix=None, projection="random", validate=False)
         t_wait = time.perf_counter()

@@ -5,19 +5,30 @@ from __future__ import annotations
 import argparse
 import json
 
+from kdcore.errors import UserError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (ratios against a limit measured in the same run)",
                        description="Benchmarks. Each prints its figures and the ratio to a limit measured in the "
                        "same run; --json prints one JSON object.")
     bsub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
-    b = bsub.add_parser("losses", help="CRD step time: shared negatives vs per-anchor negatives",
+    b = bsub.add_parser("losses", help="CRD step time (shared vs per-anchor negatives); each loss's "
+                        "forward+backward time next to plain KD's",
                         description="Time a CRD training step (nce_k=4096, d=128, batch 64) with shared negatives "
-                        "against per-anchor negatives.")
+                        "against per-anchor negatives (the limit), and the forward+backward time of every 2021-2024 "
+                        "loss (DKD, DIST, NKD, KD with logit standardisation, MGD, SRD, ReviewKD, with their "
+                        "training-only modules) next to plain KD's on the same batch (the reference).")
     b.add_argument("--nce-k", type=int, default=4096, help="negatives K (default 4096)")
     b.add_argument("--feat-dim", type=int, default=128, help="embedding size d (default 128)")
-    b.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
+    b.add_argument("--batch", type=int, default=64, help="batch size of both benches (default 64)")
+    b.add_argument("--classes", type=int, default=100, help="classes of the logit terms (default 100)")
     b.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
+    b.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    b.add_argument("--only", choices=("crd", "terms"), default=None,
+                   help="run only the CRD bench or only the per-loss table (default both)")
+    b.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    b.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: every CPU of this process)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=bench_losses)
 
@@ -62,16 +73,30 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def bench_losses(args: argparse.Namespace) -> int:
-    from services.bench.losses import run
+    from services.bench.losses import run, run_terms, term_lines
 
-    r = run(nce_k=args.nce_k, feat_dim=args.feat_dim, batch=args.batch, steps=args.steps)
+    for name in ("nce_k", "feat_dim", "batch", "classes", "steps", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    out: dict = {}
+    if args.only in (None, "crd"):
+        out.update(run(nce_k=args.nce_k, feat_dim=args.feat_dim, batch=args.batch, steps=args.steps,
+                       warmup=args.warmup, threads=args.threads, device=args.device))
+        if not args.json:
+            print(f"CRD step (K={args.nce_k}, d={args.feat_dim}, B={args.batch}), medians:")
+            print(f"  shared negatives    {out['crd_shared_step_s'] * 1e3:8.2f} ms")
+            print(f"  per-anchor (limit)  {out['crd_per_anchor_step_s'] * 1e3:8.2f} ms")
+            print(f"  ratio shared/per-anchor {out['crd_shared_step_s'] / out['crd_per_anchor_step_s']:.3f}")
+    if args.only in (None, "terms"):
+        terms = run_terms(batch=args.batch, classes=args.classes, steps=args.steps, warmup=args.warmup,
+                          threads=args.threads, device=args.device)
+        out["loss_terms"] = terms
+        if not args.json:
+            print("\n".join(term_lines(terms)))
     if args.json:
-        print(json.dumps(r))
-    else:
-        print(f"CRD step (K={args.nce_k}, d={args.feat_dim}, B={args.batch}), medians:")
-        print(f"  shared negatives    {r['crd_shared_step_s'] * 1e3:8.2f} ms")
-        print(f"  per-anchor (limit)  {r['crd_per_anchor_step_s'] * 1e3:8.2f} ms")
-        print(f"  ratio shared/per-anchor {r['crd_shared_step_s'] / r['crd_per_anchor_step_s']:.3f}")
+        print(json.dumps(out))
     return 0
 
 

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from services.memtune import tune_malloc
+
+    tune_malloc()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

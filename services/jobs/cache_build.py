@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from kdcore.cache.handle import CacheHandle
-from kdcore.cache.source import compute_rows, job_manifest
-from kdcore.cache.writer import BuildProgress, CacheWriter, build
+from kdcore.cache.build import BuildProgress, ThreadExecutor, build
+from kdcore.cache.jobs import compute_rows, job_manifest
+from kdcore.cache.writer import CacheWriter
 from kdcore.data.splits import DataSplit
 from kdcore.errors import CacheError, UserError
 from kdcore.loop import build_teacher
@@ -22,7 +22,9 @@ def ensure_cache(job: JobSpec, split: DataSplit, log: Callable[[str], None] | No
     """Reuse a complete matching cache at ``features.cache.uri``, else build (or resume) it.
 
     With ``replicas`` and Ray running, the teacher deployment's replicas compute and write the chunks;
-    otherwise the teacher runs in this process (``runner``: one the caller already loaded). Returns what happened (uri, reused, chunks, rows/s, forwards).
+    otherwise the teacher runs in this process (``runner``: one the caller already loaded). Another run
+    building the same cache at the same time shares the work (each chunk is computed once). Returns what
+    happened (uri, reused, chunks, forwards).
     """
     job = resolve_paths(job)
     spec = job.features.cache
@@ -31,46 +33,43 @@ def ensure_cache(job: JobSpec, split: DataSplit, log: Callable[[str], None] | No
     say = log or (lambda _m: None)
     runner = runner or build_teacher(job, device="cpu")
     manifest = job_manifest(job, split, runner)
-    writer = CacheWriter.open_or_create(spec.uri, manifest, split.ids_train, reuse=spec.reuse,
-                                        s3_endpoint=spec.s3_endpoint)
-    if writer.complete:
+    cache = CacheWriter.open_or_create(spec.uri, manifest, split.ids_train, reuse=spec.reuse,
+                                       s3_endpoint=spec.s3_endpoint)
+    if cache.complete:
         say(f"[{job.name}] reusing the complete cache at {spec.uri} (teacher {manifest.teacher[:19]}...): "
             "the teacher does not run")
         return {"uri": spec.uri, "reused": True, "chunks_written": 0, "teacher_forwards": 0,
-                "manifest": writer.manifest.to_dict()}
-    missing = writer.missing_chunks()
-    say(f"[{job.name}] building the cache at {spec.uri}: {len(missing)} of {writer.n_chunks} chunks to write")
+                "manifest": cache.manifest.to_dict()}
+    missing = cache.missing_chunks()
+    say(f"[{job.name}] building the cache at {spec.uri}: {len(missing)} of {cache.n_chunks} chunks to write")
     t0 = time.perf_counter()
-    if replicas and _serve_available():
-        from services.teacher.cache_fill import fill_with_replicas
+    on_ray = replicas and _ray_running()
+    if on_ray:
+        from services.teacher.cache_fill import ReplicaExecutor
 
-        report = fill_with_replicas(job, writer, missing, log=say)
-        forwards = report["teacher_rows"]
+        executor: Any = ReplicaExecutor(job, log=say)
     else:
-        rows_total = sum(writer.chunk_bounds(i)[1] - writer.chunk_bounds(i)[0] for i in missing)
-        with Progress(rows_total, f"[{job.name}] cache", enabled=log is not None) as bar:
-            def progress(p: BuildProgress) -> None:
-                start, stop = writer.chunk_bounds(p.chunk)
-                bar.update(stop - start)
+        executor = ThreadExecutor(compute_rows(job, split, runner))
+    rows_total = sum(cache.chunk_bounds(i)[1] - cache.chunk_bounds(i)[0] for i in missing)
+    with Progress(rows_total, f"[{job.name}] cache", enabled=log is not None) as bar:
+        def progress(p: BuildProgress) -> None:
+            start, stop = cache.chunk_bounds(p.chunk)
+            bar.update(stop - start)
 
-            build(writer, compute_rows(job, split, runner), progress=progress)
-        forwards = runner.forwards
-    handle = CacheHandle.open(spec.uri, manifest, s3_endpoint=spec.s3_endpoint)
-    if not handle.complete:
+        report = build(cache, executor, progress=progress)
+    if not report.complete:
         raise CacheError(f"the cache build at {spec.uri} ended incomplete; rerun `kd cache build` to resume")
+    forwards = report.rows_computed if on_ray else runner.forwards
     seconds = time.perf_counter() - t0
-    say(f"[{job.name}] cache complete: {manifest.n_rows} rows in {seconds:.1f} s")
-    return {"uri": spec.uri, "reused": False, "chunks_written": len(missing), "teacher_forwards": forwards,
-            "seconds": seconds, "manifest": handle.manifest.to_dict()}
+    shared = f"; {report.by_others} chunk(s) written by another build" if report.by_others else ""
+    say(f"[{job.name}] cache complete: {manifest.n_rows} rows in {seconds:.1f} s{shared}")
+    return {"uri": spec.uri, "reused": False, "chunks_written": report.written, "teacher_forwards": forwards,
+            "seconds": seconds, "manifest": cache.manifest.to_dict()}
 
 
-def _serve_available() -> bool:
+def _ray_running() -> bool:
     try:
         import ray
-
-        if not ray.is_initialized():
-            return False
-        import services.teacher.cache_fill  # noqa: F401 - present once the teacher server can fill caches
-        return True
     except ImportError:
         return False
+    return ray.is_initialized()

@@ -1,6 +1,7 @@
 """``kd run``: the whole job on a Ray cluster, torn down on success, failure and Ctrl-C.
 
-Stages: check the teacher (checkpoint, taps) in the driver so mistakes surface before any cluster work;
+Stages: check the whole job (``kdcore.validate.preflight``: both models on the meta device, taps, pairs, losses,
+checkpoints, data, an existing cache) in the driver so mistakes surface before any cluster work;
 bring up the teacher deployment when the job streams or must build its cache; build or reuse the cache;
 train the student with Ray Train; export it and write the run report; delete the Serve app and the bank
 actors whatever happened.
@@ -25,7 +26,11 @@ def run_job(job: JobSpec, address: str | None = None, out_dir: str | Path | None
     out = Path(out_dir) if out_dir else run_dir(job)
     t0 = time.perf_counter()
     say = log or (lambda _msg: None)
-    say(f"[{job.name}] stage: check teacher ({job.teacher.model.kind}, taps {job.teacher.taps})")
+    say(f"[{job.name}] stage: check the job (teacher, student, losses, data, cache) before any cluster work")
+    from kdcore.validate import preflight
+
+    for note in preflight(job).notes:  # raises SpecError listing every problem (exit 2)
+        say(f"[{job.name}] note: {note}")
     split = load_split(job)
     runner = build_teacher(job, device="cpu")  # fails fast on a bad checkpoint or tap, before any cluster work
     shapes = teacher_shapes_of(job, split, runner)

@@ -29,7 +29,9 @@ from kdcore.spec.job import JobSpec
 from kdcore.spec.paths import resolve_paths
 from services.teacher.projection import FIXED_KINDS, fingerprint
 from services.teacher.registry import kill_registries
-from services.teacher.server import TeacherServer, resolve_token_sha256
+from services.teacher.options import ServerOptions, batch_limits
+from services.teacher.server import TeacherServer
+from services.teacher.tokens import resolve_token_sha256
 
 log = logging.getLogger("kd.teacher")
 JOB_SPEC_ENV = "KD_JOB_SPEC"
@@ -46,9 +48,7 @@ def deployment_options(job: JobSpec, health_check_period_s: float = 5.0,
     s = job.teacher.serve
     opts: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
-        # dynamic batching needs at least a batch of requests in the replica; twice that lets the next batch
-        # fill while one computes (the spec's minimum, max_batch_size, is enforced by ServeSpec)
-        "max_ongoing_requests": s.max_ongoing_requests or 2 * s.max_batch_size,
+        "max_ongoing_requests": batch_limits(s).max_ongoing_requests,  # the batch limits: options.batch_limits
         "logging_config": LoggingConfig(enable_access_log=False),
         "health_check_period_s": health_check_period_s,
         "health_check_timeout_s": 30.0,
@@ -100,8 +100,8 @@ def build_teacher_app(job: JobSpec, *, validate: bool = True, projection: str = 
     fp = fingerprint(job.teacher.model.model_dump(mode="json"), _checkpoint_stamp(job.teacher.checkpoint),
                      job.teacher.taps, job.teacher.precision, job.data.model_dump(mode="json"), job.train.seed,
                      job.features.stream.projected_dim, projection, seed, pca_rows)
-    options = {"projection": projection, "projection_seed": seed, "pca_rows": int(pca_rows), "poll_s": float(poll_s),
-               "token_sha256": token_sha, "fingerprint": fp, "namespace": job.ray.namespace}
+    options = ServerOptions(fingerprint=fp, namespace=job.ray.namespace, projection=projection, projection_seed=seed,
+                            pca_rows=int(pca_rows), poll_s=float(poll_s), token_sha256=token_sha)
     deployment = TeacherServer.options(**deployment_options(job, health_check_period_s, constructor_retries))
     return deployment.bind(job.model_dump(mode="json"), options)
 

@@ -14,15 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcore.data.augment import augment_params, n_params
+from kdcore.data.rows import RowMapper
 from kdcore.data.splits import DataSplit
-from kdcore.errors import UserError
+from kdcore.errors import TeacherError, UserError
 from kdcore.loop import build_teacher, load_split
-from kdcore.sources import student_inputs
 from kdcore.spec.job import JobSpec
 from kdcore.teacher import LOGITS
 from services.teacher.projection import Projection
-from services.teacher.wire import DTYPES, MODES, cast
+from services.teacher.wire import DTYPES, MODES, cast, nonfinite_rows
 
 
 class RequestError(UserError):
@@ -33,15 +32,39 @@ class RequestError(UserError):
         self.status = status
 
 
+class NonFiniteOutputError(TeacherError):
+    """The teacher produced NaN or inf for some rows of finite inputs: an overflow in the forward, the projection or
+    the cast to the travel dtype. Nothing is returned for the request (a cache is never written with it).
+    ``rows``: the rows of the request (or of the cache) that are not finite; ``status``: 422 over HTTP."""
+
+    def __init__(self, message: str, rows: list[int] | None = None, status: int = 422, **details: Any) -> None:
+        super().__init__(message, rows=list(rows or []), status=status, **details)
+        self.rows = list(rows or [])
+        self.status = status
+
+
+def _shown(rows, limit: int = 10) -> str:
+    rows = [int(r) for r in rows]
+    return f"{rows[:limit]}" + (f" (and {len(rows) - limit} more)" if len(rows) > limit else "")
+
+
+def nonfinite_output_error(rows, what: str = "request rows", ids=None, dtype: str = "fp32") -> NonFiniteOutputError:
+    """The error for non-finite outputs at ``rows`` (of a request, or of a cache: ``what`` says which)."""
+    where = f"{what} {_shown(rows)}" + (f" (training ids {_shown(ids)})" if ids is not None else "")
+    cause = ("an overflow in the teacher forward or the projection" if dtype == "fp32" else
+             f"an overflow in the teacher forward, the projection or the cast to {dtype} (fp16 ends at 65504: ask "
+             "for fp32 or bf16)")
+    return NonFiniteOutputError(f"the teacher produced non-finite values (NaN or inf) for {where}: {cause}; "
+                                "nothing was returned for this request", rows=[int(r) for r in rows])
+
+
 def split_fingerprint(split: DataSplit) -> str:
-    """A cheap fingerprint of a training split (ids, labels and a strided sample of inputs): the stream client
-    and the server must agree on it, or ids would name different samples."""
+    """A cheap fingerprint of a training split (ids, labels and the inputs' identity): the stream client and the
+    server must agree on it, or ids would name different samples."""
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(split.ids_train).tobytes())
     h.update(np.ascontiguousarray(split.y_train).tobytes())
-    step = max(1, split.n_train // 64)
-    h.update(np.ascontiguousarray(split.x_train[::step]).tobytes())
-    h.update(repr(split.x_train.shape).encode())
+    h.update(split.fingerprint().encode())
     return h.hexdigest()[:16]
 
 
@@ -52,8 +75,9 @@ class TeacherCore:
         self.job = job
         self.split = split if split is not None else load_split(job)
         self.runner = build_teacher(job, device=device)
-        self.input_shape = tuple(int(d) for d in self.split.x_train.shape[1:])
-        self.shapes = self.runner.shapes(torch.from_numpy(self.split.x_train[:2]))
+        self.mapper = RowMapper(self.split, job.data)  # the one cache row -> input mapping
+        self.input_shape = tuple(int(d) for d in self.mapper.input_shape)
+        self.shapes = self.runner.shapes(torch.from_numpy(self.mapper.cache_rows(0, min(2, self.mapper.n_rows)).x))
         self.taps = [k for k in self.shapes if k != LOGITS]
         self.dims = {k: int(np.prod(self.shapes[k])) for k in self.taps}
         self.n_train = self.split.n_train
@@ -109,14 +133,19 @@ class TeacherCore:
         if x.ndim != 1 + len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape:
             raise RequestError(f"inputs have shape {tuple(x.shape)}; expected (batch, "
                                f"{', '.join(map(str, self.input_shape))}) like the job's data")
-        if not np.isfinite(x).all():
-            raise RequestError("inputs hold NaN or inf")
-        return np.ascontiguousarray(x, dtype=np.float32)
+        x32 = np.ascontiguousarray(x, dtype=np.float32)
+        bad = nonfinite_rows([x32])  # after the cast: float64 values beyond +-3.4e38 become inf in float32
+        if len(bad):
+            overflow = x.dtype.itemsize > 4 and bool(np.isfinite(x[bad]).all())
+            raise RequestError(f"input rows {_shown(bad)} hold NaN or inf"
+                               + (" after the cast to float32 (values beyond +-3.4e38 overflow)" if overflow else "")
+                               + "; send finite float32 inputs", status=400, rows=bad.tolist())
+        return x32
 
     # -- compute ------------------------------------------------------------------------------------------
     def inputs_for(self, ids: np.ndarray, views: np.ndarray) -> np.ndarray:
         """The (augmented) inputs of training rows ``ids`` under ``views``: exactly what the student sees."""
-        return student_inputs(self.split, self.job.data, ids, views)
+        return self.mapper.inputs(ids, views).x
 
     def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
         out = self.runner(torch.from_numpy(x))
@@ -153,13 +182,21 @@ class TeacherCore:
         ``{layer: (n, ...), "logits": (n, C)}`` plus ``"aug"`` (n, n_params) when the augmentation has
         parameters and ``with_aug``. A ready ``compute_fn`` for ``kdcore.cache.build``."""
         ids, vs = self.rows_to_ids(start, stop, views)
+        v = int(views or self.views)
         parts: dict[str, list[np.ndarray]] = {}
         for s in range(0, len(ids), batch):
-            out = self.forward(self.inputs_for(ids[s:s + batch], vs[s:s + batch]))
+            if v == self.views:  # the cache layout: one contiguous read of the rows' inputs
+                x = self.mapper.cache_rows(start + s, start + min(s + batch, len(ids))).x
+            else:
+                x = self.inputs_for(ids[s:s + batch], vs[s:s + batch])
+            out = self.forward(x)
             for k, a in out.items():
                 parts.setdefault(k, []).append(a)
         result = {k: np.concatenate(a) for k, a in parts.items()} if parts else {
             k: np.zeros((0, *self.shapes[k]), np.float32) for k in self.shapes}
+        bad = nonfinite_rows(result.values())
+        if len(bad):
+            raise nonfinite_output_error(bad + start, "cache rows")
         if with_aug:
             result.update(self.aug_for(ids, vs))
         return result
@@ -175,9 +212,9 @@ class TeacherCore:
 
     def aug_for(self, ids: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
         """``{"aug": params}`` of (row, view) pairs when the augmentation has parameters, else ``{}``."""
-        if n_params(self.job.data.augment) == 0:
+        if self.mapper.n_params == 0:
             return {}
-        return {"aug": augment_params(self.job.data.augment, self.split.ids_train[ids], views)}
+        return {"aug": self.mapper.params(ids, views)}
 
     def info(self) -> dict[str, Any]:
         return {"input_shape": list(self.input_shape), "taps": list(self.taps),

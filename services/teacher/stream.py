@@ -1,7 +1,7 @@
 """The trainer's feature source for ``features.mode: stream``: an epoch streamed from the teacher deployment.
 
-``StreamFeatures(job, split, app)`` implements kdcore.sources' FeatureSource protocol with the same rows,
-views and student inputs as ``OnlineFeatures`` (``epoch_rows`` / ``epoch_views`` / ``student_inputs``); only
+``StreamFeatures(job, split, app)`` implements kdcore.feed' FeatureSource protocol with the same rows,
+views and student inputs as ``OnlineFeatures`` (``epoch_rows`` / ``epoch_views``, inputs through the row mapper); only
 ids and view numbers travel to the server, features travel back.
 
 Flow: an epoch's steps (training batches) are cut into chunks of ``chunk`` steps; each chunk is one streaming
@@ -26,12 +26,13 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from kdcore.data.rows import RowMapper
 from kdcore.data.splits import DataSplit
 from kdcore.errors import DataError, TeacherError, UserError
-from kdcore.sources import Batch, epoch_rows, epoch_views, student_inputs
+from kdcore.feed import Batch, epoch_rows, epoch_views, read_group
 from kdcore.spec.job import JobSpec
 from kdcore.teacher import LOGITS
-from services.teacher.core import split_fingerprint
+from services.teacher.core import NonFiniteOutputError, split_fingerprint
 from services.teacher.wire import to_tensor
 
 log = logging.getLogger("kd.teacher")
@@ -82,8 +83,8 @@ class _Chunk:
                 msg = next(self.gen)
             except StopIteration:
                 failure: BaseException = TeacherError(f"stream ended without steps {self._missing()}")
-            except UserError:
-                raise  # the request itself is wrong: retrying cannot help
+            except (UserError, NonFiniteOutputError):
+                raise  # the request itself is wrong, or the teacher's answer to it is: retrying cannot help
             except Exception as e:  # noqa: BLE001 - replica died / unavailable / connection lost: retry
                 failure = e
             else:
@@ -159,9 +160,11 @@ class StreamFeatures:
     def epoch(self, epoch: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
         if self._check:
             self._check_server()
-        rows = epoch_rows(self.split.n_train, self.seed, epoch, rank, world)
+        rows = epoch_rows(self.split.n_train, self.seed, epoch, rank, world, self.data.window(), self.data.mix_windows)
         views = epoch_views(self.split.n_train, self.data.views, self.seed, epoch)
         steps = [rows[s:s + self.batch_size].astype(np.int64) for s in range(0, len(rows), self.batch_size)]
+        group = read_group(self.split, self.data, self.batch_size)  # student inputs: read a group of windows once
+        self._inputs = _GroupInputs(self, rows, views, group)
         chunks = deque(list(range(i, min(i + self.chunk, len(steps)))) for i in range(0, len(steps), self.chunk))
         opened: deque[_Chunk] = deque()
         ahead = 0  # batches requested but not yet handed to the trainer
@@ -182,7 +185,7 @@ class StreamFeatures:
                     msg = c.take(s)
                     ahead -= 1
                     fill()
-                    yield self._batch(steps[s], views, msg)
+                    yield self._batch(steps[s], s, msg)
                 opened.popleft()
                 self._open.remove(c)
         finally:
@@ -191,7 +194,7 @@ class StreamFeatures:
                 if c in self._open:
                     self._open.remove(c)
 
-    def _batch(self, r: np.ndarray, views: np.ndarray, msg: dict[str, Any]) -> Batch:
+    def _batch(self, r: np.ndarray, step: int, msg: dict[str, Any]) -> Batch:
         dtype = msg["dtype"]
         teacher = {k: to_tensor(a, dtype) for k, a in msg["features"].items()}
         teacher[LOGITS] = to_tensor(msg["logits"], dtype)
@@ -199,7 +202,7 @@ class StreamFeatures:
         self.replicas.add(msg.get("replica"))
         self.last_replica = msg.get("replica")
         self.versions.add(msg.get("projector_version"))
-        x = torch.from_numpy(student_inputs(self.split, self.data, r, views[r]))
+        x = torch.from_numpy(self._inputs.batch(step * self.batch_size, len(r)))
         return Batch(x=x, y=torch.from_numpy(self.split.y_train[r]), labeled=torch.from_numpy(self.split.labeled[r]),
                      idx=torch.from_numpy(r), teacher=teacher)
 
@@ -207,3 +210,21 @@ class StreamFeatures:
         for c in list(self._open):
             c.cancel()
         self._open.clear()
+
+
+class _GroupInputs:
+    """The student inputs of an epoch's rows, read ``group`` rows at a time (one read of a few contiguous
+    windows), served to batches in order."""
+
+    def __init__(self, source: "StreamFeatures", rows: np.ndarray, views: np.ndarray, group: int) -> None:
+        self.mapper = RowMapper(source.split, source.data)
+        self.rows, self.views, self.group = rows, views, group
+        self._g, self._x = -1, None
+
+    def batch(self, pos: int, n: int) -> np.ndarray:
+        g = pos // self.group
+        if g != self._g:
+            grp = self.rows[g * self.group:(g + 1) * self.group]
+            self._g, self._x = g, self.mapper.inputs(grp, self.views[grp]).x
+        lo = pos - g * self.group
+        return self._x[lo:lo + n]

@@ -65,6 +65,40 @@ def to_tensor(a: np.ndarray, dtype: str):
         return t.float() if t.dtype != torch.float32 else t.clone()
 
 
+def _all_finite(flat: np.ndarray, dtype: str) -> bool:
+    """Whether every value is finite, fast: numpy for fp32; for fp16 / bf16 a float32 sum by torch (NaN and inf
+    propagate; a bf16 sum that overflows float32 reads as not finite, and the exact pass below decides)."""
+    if dtype != "bf16" and flat.dtype == np.float32:
+        return bool(np.isfinite(flat).all())
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # arrays from Ray are read-only; they are only read here
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        t = torch.from_numpy(flat.view(np.int16)).view(torch.bfloat16) if dtype == "bf16" else torch.from_numpy(flat)
+    return bool(torch.isfinite(t.sum(dtype=torch.float32)))
+
+
+def nonfinite_rows(arrays, dtype: str = "fp32") -> np.ndarray:
+    """Indices of the rows (axis 0) where any of ``arrays`` (travel dtype ``dtype``; bf16 as uint16 bit patterns)
+    holds NaN or inf; empty when all are finite. A fast all-finite pass first (~0.1 ms per MB); rows are found only
+    when something is not finite."""
+    bad = None
+    for a in arrays:
+        if a is None or not len(a):
+            continue
+        flat = np.ascontiguousarray(a).reshape(len(a), -1)
+        if _all_finite(flat, dtype):
+            continue
+        if dtype == "bf16":  # exponent bits all ones: inf or NaN
+            rows = ((flat.view(np.int16) & 0x7F80) == 0x7F80).any(1)
+        else:
+            rows = ~np.isfinite(flat).all(1)
+        bad = rows if bad is None else bad | rows
+    return np.zeros(0, np.int64) if bad is None else np.flatnonzero(bad)
+
+
 def payload_nbytes(response: dict[str, Any]) -> int:
     """Bytes of the feature and logit arrays of a response (what scales with the batch)."""
     return sum(a.nbytes for a in response["features"].values()) + response["logits"].nbytes

@@ -22,7 +22,7 @@ def _shapes(job: JobSpec, split, config: dict[str, Any]) -> dict[str, tuple[int,
     if config.get("teacher_shapes"):
         return config["teacher_shapes"]
     if job.features.mode == "cache":
-        from kdcore.cache.source import cached_teacher_shapes
+        from kdcore.cache.jobs import cached_teacher_shapes
 
         return cached_teacher_shapes(job)
     return teacher_shapes_of(job, split, None)
@@ -131,9 +131,15 @@ def train_student(job: JobSpec, out_dir: str | Path | None = None, extra_config:
         resources = {"CPU": job.train.cpus_per_worker}
         if use_gpu:
             resources["GPU"] = job.train.gpus_per_worker
+        datasets = {}
+        if job.features.mode == "cache":
+            from services.data.pipeline import cache_training_dataset
+
+            datasets["train"] = cache_training_dataset(job, config["job"])
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=config,
+            datasets=datasets or None,
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=job.train.num_workers, use_gpu=use_gpu,
                                          resources_per_worker=resources),
@@ -159,10 +165,10 @@ def train_student(job: JobSpec, out_dir: str | Path | None = None, extra_config:
 
 def _train_in_process(job: JobSpec, out: Path, split, config, log) -> dict[str, Any]:
     from kdcore.loop import train_local
-    from services.trainer.sources import make_source
+    from services.trainer.feeds import make_feed
 
     t0 = time.perf_counter()
-    r = train_local(job, out_dir=out, source=make_source(job, split, config), progress=False, log=log)
+    r = train_local(job, out_dir=out, source=make_feed(job, split, config), progress=False, log=log)
     student, history = student_from_checkpoint(job, out / "checkpoints" / "state.pt")
     return _finish(job, out, student, history, split, time.perf_counter() - t0, log, r.get("teacher_forwards"))
 

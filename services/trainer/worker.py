@@ -18,10 +18,10 @@ import ray.train
 import ray.train.torch
 import torch
 
-from kdcore.loop import build_session, evaluate, load_checkpoint_file, load_split, save_checkpoint, train_epoch
+from kdcore.loop import build_session, evaluate_split, load_checkpoint_file, load_split, save_checkpoint, train_epoch
 from kdcore.spec.job import JobSpec
 from services.membank.client import RemoteBank
-from services.trainer.sources import make_source, teacher_shapes
+from services.trainer.feeds import make_feed, teacher_shapes
 
 
 def _event(config: dict[str, Any], rank: int, text: str) -> None:
@@ -49,7 +49,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(job.train.torch_threads or max(1, int(job.train.cpus_per_worker)))
     _event(config, rank, f"start pid={os.getpid()}")
     split = load_split(job)
-    source = make_source(job, split, config)
+    source = make_feed(job, split, config)
+    _event(config, rank, f"source {type(source).__name__}")
     banks: dict[str, RemoteBank] = {}
 
     def bank_factory(n, dim, momentum, dtype, _pair=iter(config.get("bank_actors", {}).items())):
@@ -89,7 +90,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                               hooks=BankPrefetch(banks, crd_k) if banks else None)
         metrics.update({"epoch": epoch + 1, "time/epoch_s": time.perf_counter() - t0, "rank": rank, "world": world})
         if (epoch + 1) % job.train.eval_every == 0 or epoch + 1 == job.train.epochs:
-            metrics.update(evaluate(session.student, split.x_val, split.y_val, job.data.eval_batch_size))
+            metrics.update(evaluate_split(session.student, split, job.data.eval_batch_size))
         session.history.append(metrics)
         _event(config, rank, f"epoch {epoch + 1} done")
         for bank in banks.values():

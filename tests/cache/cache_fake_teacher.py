@@ -6,7 +6,7 @@ of r, so any process computes the same bytes.
 As a script::
 
     python cache_fake_teacher.py URI [--writer W --n-writers N] [--kill-after-computes K]
-        [--kill-after-writes K] [--sleep S] [--calls-file F]
+        [--kill-after-writes K] [--sleep S] [--calls-file F] [--create] [--lease-ttl S] [--barrier B]
 
 ``--kill-after-computes K``: SIGKILL itself when compute_fn is called the (K+1)-th time (K chunks were
 computed, fewer may be written). ``--kill-after-writes K``: SIGKILL itself right after all the data of
@@ -68,6 +68,25 @@ def build_reference(path: Path, **overrides) -> str:
     return uri
 
 
+def build_cache(spec, manifest, sample_ids, compute_fn, *, root=None, writer=0, n_writers=1, progress=None):
+    """Build (or reuse, or resume) the cache a CacheSpec asks for: at ``spec.uri``, else ``root/<key>``;
+    with ``spec.reuse`` and no uri, a complete matching cache anywhere under ``root`` is reused."""
+    from kdcore.cache import BuildReport, CacheWriter, build, find_cache
+    from kdcore.cache.stores import join_uri
+
+    if spec.uri is None and spec.reuse:
+        found = find_cache(root, manifest, s3_endpoint=spec.s3_endpoint)
+        if found is not None:
+            n = manifest.n_chunks
+            return BuildReport(found, n, n, n, 0, 0, 0, True, True, 0.0)
+    uri = spec.uri or join_uri(root, manifest.key())
+    if writer == 0:
+        w = CacheWriter.open_or_create(uri, manifest, sample_ids, reuse=spec.reuse, s3_endpoint=spec.s3_endpoint)
+    else:
+        w = CacheWriter.open(uri, manifest, s3_endpoint=spec.s3_endpoint, writer=writer)
+    return build(w, compute_fn, writer=writer, n_writers=n_writers, progress=progress)
+
+
 def snapshot(root: Path) -> dict[str, object]:
     """Every object of a cache; times (manifest created/completed, marker written_at) left out."""
     out: dict[str, object] = {}
@@ -114,7 +133,7 @@ def spawn_teacher(*args: str) -> subprocess.Popen:
 
 def main(argv: list[str]) -> int:
     from kdcore.cache import CacheWriter, build
-    from kdcore.cache import store as store_mod
+    from kdcore.cache.stores import LocalCacheStore
 
     p = argparse.ArgumentParser()
     p.add_argument("uri")
@@ -128,6 +147,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--s3-endpoint", default=None)
     p.add_argument("--victim-file", default=None, help="with --kill-after-writes: where to write the chunk killed")
     p.add_argument("--writer-threads", type=int, default=2)
+    p.add_argument("--lease-ttl", type=float, default=60.0)
+    p.add_argument("--ready-id", default=None, help="name of the ready file (default: the writer index)")
     p.add_argument("--barrier", default=None, help="touch BARRIER.ready-W, then wait for BARRIER.go to exist")
     args = p.parse_args(argv)
 
@@ -145,7 +166,7 @@ def main(argv: list[str]) -> int:
         return compute(start, stop)
 
     if args.kill_after_writes is not None:
-        real_put = store_mod.CacheStore.put_chunk
+        real_put = LocalCacheStore.put_chunk
         per_chunk: dict[int, int] = {}
         lock = threading.Lock()
 
@@ -163,7 +184,7 @@ def main(argv: list[str]) -> int:
                     os.kill(os.getpid(), signal.SIGKILL)
             return out
 
-        store_mod.CacheStore.put_chunk = put_then_maybe_die
+        LocalCacheStore.put_chunk = put_then_maybe_die
 
     m = manifest()
     if args.create:
@@ -171,12 +192,14 @@ def main(argv: list[str]) -> int:
     else:
         w = CacheWriter.open(args.uri, m, s3_endpoint=args.s3_endpoint)
     if args.barrier:
-        Path(f"{args.barrier}.ready-{args.writer}").touch()
+        Path(f"{args.barrier}.ready-{args.ready_id or args.writer}").touch()
         deadline = time.monotonic() + 60
         while not Path(f"{args.barrier}.go").exists() and time.monotonic() < deadline:
             time.sleep(0.005)
-    report = build(w, compute_fn, writer=args.writer, n_writers=args.n_writers, writer_threads=args.writer_threads)
-    print(json.dumps({"written": report.written, "calls": report.compute_calls, "complete": report.complete}))
+    report = build(w, compute_fn, writer=args.writer, n_writers=args.n_writers, writer_threads=args.writer_threads,
+                   lease_ttl=args.lease_ttl)
+    print(json.dumps({"written": report.written, "calls": report.compute_calls, "complete": report.complete,
+                      "by_others": report.by_others, "skipped": report.skipped, "taken_over": report.taken_over}))
     return 0
 
 

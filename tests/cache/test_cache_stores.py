@@ -6,13 +6,12 @@ import os
 
 import numpy as np
 import pytest
-from cache_fake_teacher import SAMPLE_IDS, compute, manifest
+from cache_fake_teacher import SAMPLE_IDS, build_cache, compute, manifest
 
 from kdcore.cache import (
     CacheLoader,
     CacheWriter,
     build,
-    build_cache,
     find_cache,
     format_info,
     format_ls,

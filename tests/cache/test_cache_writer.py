@@ -9,19 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cache_fake_teacher import SAMPLE_IDS, build_reference, compute, manifest, snapshot, spawn_teacher
+from cache_fake_teacher import SAMPLE_IDS, build_cache, build_reference, compute, manifest, snapshot, spawn_teacher
 
 from kdcore.cache import (
     CacheLoader,
     CacheWriter,
     bf16_bits_to_float32,
     build,
-    build_cache,
     chunk_assignment,
     float_to_bf16_bits,
+    topk,
     verify,
 )
-from kdcore.cache.writer import topk
 from kdcore.errors import CacheError, UserError
 from kdcore.spec.features import CacheSpec
 
@@ -135,11 +134,11 @@ def test_writer_threads_overlap_compute(tmp_path):
     busy = threading.Event()
     real = w.write_chunk
 
-    def spy(i, arrays):
+    def spy(i, arrays, **kw):
         writers.add(threading.current_thread().name)
         if busy.is_set():
             overlap.set()  # a chunk was being written while the teacher was computing
-        return real(i, arrays)
+        return real(i, arrays, **kw)
 
     def teacher(a, b):
         computing.add(threading.current_thread().name)
@@ -164,7 +163,7 @@ def test_writer_threads_overlap_compute(tmp_path):
 def test_writer_failure_is_reported(tmp_path):
     w = CacheWriter.create(str(tmp_path / "c"), manifest(), SAMPLE_IDS)
 
-    def boom(i, arrays):
+    def boom(i, arrays, **kw):
         raise OSError("disk full")
 
     w.write_chunk = boom  # type: ignore[method-assign]
@@ -234,7 +233,7 @@ def test_torch_tensors_are_accepted(tmp_path):
     out = {k: torch.from_numpy(v) for k, v in compute(0, 64).items()}
     out["embed"] = out["embed"].to(torch.bfloat16)  # a bf16 teacher output keeps its bits
     w.write_chunk(0, out)
-    got = w.handle.arrays["layers/embed"].read(0)
+    got = w.arrays["layers/embed"].read(0)
     assert np.array_equal(got, out["embed"].view(torch.int16).numpy().view(np.uint16))
 
 

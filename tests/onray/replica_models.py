@@ -14,3 +14,19 @@ def crashes_in_replica(width: int = 8):
     except Exception:  # noqa: BLE001 - not in a replica: build normally
         return digits_cnn(width)
     raise RuntimeError("simulated teacher crash while loading in the replica")
+
+
+def overflow_digits(width: int = 8, threshold: float = 17.0):
+    """A digits CNN whose logits are inf for rows whose pixel sum is above ``threshold`` (a teacher that overflows
+    on a few real training rows: its cache rows must never be written)."""
+    import torch
+
+    from kdcore.zoo import DigitsCNN
+
+    class OverflowDigits(DigitsCNN):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = super().forward(x)
+            hot = x.flatten(1).sum(1) > threshold
+            return torch.where(hot[:, None], torch.full_like(out, float("inf")), out)
+
+    return OverflowDigits(width=width)

@@ -62,6 +62,7 @@ def test_run_online_trains_exports_and_reports(ray_clean, digits_job, tmp_path, 
     assert "different spec (changed: train)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_run_cache_builds_once_then_reuses_without_teacher(ray_clean, digits_job, tmp_path, capsys):
     from kdcore.cache import verify
 
@@ -84,7 +85,7 @@ def test_run_cache_builds_once_then_reuses_without_teacher(ray_clean, digits_job
 
 
 @pytest.mark.parametrize("breakage,expect", [
-    ({"checkpoint": "/nonexistent/teacher.safetensors"}, "checkpoint not found"),
+    ({"checkpoint": "/nonexistent/teacher.safetensors"}, "checkpoint file not found"),
     ({"taps": ["embed", "blok3"]}, "blok3"),
 ])
 def test_failing_job_is_clear_and_leaves_nothing(ray_clean, digits_job, tmp_path, capsys, breakage, expect):
@@ -98,6 +99,7 @@ def test_failing_job_is_clear_and_leaves_nothing(ray_clean, digits_job, tmp_path
     assert _no_kd_leftovers() == ([], [])
 
 
+@pytest.mark.slow
 def test_run_stream_trains_from_the_teacher_deployment(ray_clean, digits_job, tmp_path, capsys):
     spec = _spec(tmp_path, digits_job, "run-stream", mode="stream", stream={"payload": "raw", "prefetch": 4})
     assert main(["run", str(spec)]) == 0

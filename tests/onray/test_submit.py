@@ -111,6 +111,7 @@ def _actors_on(head: Head) -> list[str]:
     return [f"{a.class_name}:{a.name}:{a.state}" for a in list_actors(address=head.address, limit=1000)]
 
 
+@pytest.mark.slow
 def test_submit_runs_the_job_on_the_cluster(ray_head, digits_job, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     digits_job["name"] = "submitted"

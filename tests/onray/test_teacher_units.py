@@ -12,7 +12,7 @@ import torch
 
 from kdcore.errors import DataError, LayerNotFoundError, ModelLoadError, TeacherError, UserError
 from kdcore.loop import build_teacher, load_split
-from kdcore.sources import OnlineFeatures, epoch_rows
+from kdcore.feed import OnlineFeatures, epoch_rows
 from kdcore.spec import JobSpec
 from services.teacher.core import RequestError, TeacherCore
 from services.teacher.projection import Projection, check_weights, fixed_projection, pca, random_orthogonal
@@ -100,6 +100,10 @@ class _Gen:
         s, i = self.server, self.i
         if self.how == "user_error":
             raise RequestError("ids are outside the training rows")
+        if self.how == "nonfinite":
+            from services.teacher.core import nonfinite_output_error
+
+            raise nonfinite_output_error([3], ids=[17])
         if self.how == "die" or (self.how == "die_after_1" and i == 1):
             raise ConnectionError("replica died")
         if self.how == "end_after_1" and i == 1:
@@ -159,6 +163,10 @@ def test_user_errors_are_raised_not_retried_and_retries_are_bounded(core):
     with pytest.raises(RequestError, match="outside the training rows"):
         list(src.epoch(0))
     assert src.retries == 0
+    _, src = _stream(core, ["nonfinite"])  # the teacher's answer is NaN: deterministic, so never retried
+    with pytest.raises(TeacherError, match=r"non-finite values .* request rows \[3\] \(training ids \[17\]\)"):
+        list(src.epoch(0))
+    assert src.retries == 0
     _, src = _stream(core, ["die"] * 10, max_retries=3)
     with pytest.raises(TeacherError, match=r"failed 4 times for steps \[0, 1\].*ConnectionError: replica died"):
         list(src.epoch(0))
@@ -192,6 +200,14 @@ def test_core_checks_requests(core):
     with pytest.raises(RequestError, match="dtype int64"):
         core.check_inputs(np.zeros((2, 1, 8, 8), np.int64))
     assert core.check_inputs(np.zeros((2, 1, 8, 8), np.float64)).dtype == np.float32
+    x = np.zeros((5, 1, 8, 8), np.float64)
+    x[[1, 3], 0, 2, 2] = 1e300  # finite as float64: inf after the cast, so refused after it, naming the rows
+    with pytest.raises(RequestError, match=r"input rows \[1, 3\] hold NaN or inf after the cast to float32") as e:
+        core.check_inputs(x)
+    assert e.value.status == 400 and e.value.details["rows"] == [1, 3]
+    x[1, 0, 2, 2], x[3, 0, 2, 2] = 0.0, np.nan
+    with pytest.raises(RequestError, match=r"input rows \[3\] hold NaN or inf; send finite"):
+        core.check_inputs(x)
     with pytest.raises(RequestError, match=r"outside the 1438 training rows"):
         core.check_ids([0, 1438])
     with pytest.raises(RequestError, match=r"views must be in \[0, 1\)"):
@@ -213,6 +229,29 @@ def test_features_for_rows_follows_the_cache_layout():
     assert out["aug"].shape == (8, 3) and not out["aug"][0::2].any() and out["aug"][1::2].any()  # view 0 = clean
     with pytest.raises(RequestError, match="outside the 2876 cache rows"):
         c.features_for_rows(2870, 2880)
+
+
+def test_core_cache_rows_with_non_finite_features_raise_naming_the_rows(monkeypatch):
+    import pickle
+
+    from services.teacher.core import NonFiniteOutputError
+
+    c = TeacherCore(_job(), device="cpu")
+    forward = c.forward
+
+    def overflowing(x):
+        out = forward(x)
+        out["logits"][x.reshape(len(x), -1).sum(1) > 17.0] = np.inf
+        return out
+
+    monkeypatch.setattr(c, "forward", overflowing)
+    hot = np.flatnonzero(c.split.x_train.reshape(c.n_train, -1).sum(1) > 17.0)
+    lo = int(hot[0]) - 2
+    with pytest.raises(NonFiniteOutputError, match=rf"cache rows \[{hot[0]}\]") as e:
+        c.features_for_rows(lo, lo + 3)
+    assert isinstance(e.value, TeacherError) and e.value.rows == [int(hot[0])]
+    back = pickle.loads(pickle.dumps(e.value))  # crosses Ray unchanged
+    assert type(back) is NonFiniteOutputError and back.rows == e.value.rows and back.status == 422
 
 
 # -- projections -----------------------------------------------------------------------------------------------
@@ -266,7 +305,7 @@ def test_arrow_round_trip_and_safe_npy():
 # -- tokens, options, the builder -------------------------------------------------------------------------
 def test_token_is_resolved_to_a_hash_and_missing_tokens_refuse_to_start(tmp_path, monkeypatch):
     from kdcore.spec import HTTPSpec
-    from services.teacher.server import resolve_token_sha256
+    from services.teacher.tokens import bearer_problem, resolve_token_sha256
 
     assert resolve_token_sha256(HTTPSpec()) is None
     f = tmp_path / "tok"
@@ -279,6 +318,46 @@ def test_token_is_resolved_to_a_hash_and_missing_tokens_refuse_to_start(tmp_path
         resolve_token_sha256(HTTPSpec(token_env="KD_T"))
     with pytest.raises(UserError, match="does not exist"):
         resolve_token_sha256(HTTPSpec(token_file=str(tmp_path / "none")))
+    sha = hashlib.sha256(b"abc").hexdigest()
+    assert bearer_problem("Bearer abc", sha) is None and bearer_problem("", None) is None
+    assert "missing bearer token" in bearer_problem("", sha) and "missing" in bearer_problem("Basic abc", sha)
+    assert bearer_problem("Bearer abd", sha) == "wrong bearer token"
+
+
+def test_options_are_typed_frozen_and_batch_limits_come_from_one_place():
+    import dataclasses
+
+    from services.teacher.options import MAX_CONCURRENT_BATCHES, ServerOptions, batch_limits
+
+    o = ServerOptions(fingerprint="f" * 12, namespace="ns", projection="random", poll_s=0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        o.poll_s = 2.0
+    assert ServerOptions(**o.to_dict()) == o
+    with pytest.raises(ValueError, match="unknown projection"):
+        ServerOptions(fingerprint="f", namespace="ns", projection="svd")
+    lim = batch_limits(_job(teacher={"serve": {"max_batch_size": 96, "batch_wait_timeout_s": 0.01}}).teacher.serve)
+    assert (lim.max_batch_size, lim.batch_wait_timeout_s, lim.max_ongoing_requests) == (96, 0.01, 192)
+    assert lim.max_concurrent_batches == MAX_CONCURRENT_BATCHES
+    assert batch_limits(_job(teacher={"serve": {"max_ongoing_requests": 300}}).teacher.serve).max_ongoing_requests == 300
+
+
+def test_non_finite_rows_are_found_in_every_travel_dtype():
+    from services.teacher.wire import cast, nonfinite_rows
+
+    a = np.ones((6, 3, 2), np.float32)
+    assert nonfinite_rows([a]).tolist() == []
+    a[1, 0, 0], a[4, 2, 1] = np.inf, np.nan
+    b = np.ones((6, 4), np.float32)
+    b[5, 3] = -np.inf
+    assert nonfinite_rows([a, b]).tolist() == [1, 4, 5]
+    big = np.ones((3, 2), np.float32)
+    big[2, 1] = 1e6  # finite in fp32 and bf16, inf in fp16
+    assert nonfinite_rows([cast(big, "fp16")], "fp16").tolist() == [2]
+    assert nonfinite_rows([cast(big, "bf16")], "bf16").tolist() == []
+    assert nonfinite_rows([cast(a, "bf16")], "bf16").tolist() == [1, 4]
+    ro = cast(a, "fp16")
+    ro.flags.writeable = False  # arrays from Ray are read-only
+    assert nonfinite_rows([ro], "fp16").tolist() == [1, 4]
 
 
 def test_deployment_options_follow_the_serve_spec():

@@ -37,6 +37,7 @@ def _wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_and_bank_keeps_every_update_once(ray_clean, digits_job, tmp_path):
     from services.trainer.driver import train_student
 

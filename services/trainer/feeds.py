@@ -6,16 +6,24 @@ from typing import Any
 
 from kdcore.data.splits import DataSplit
 from kdcore.loop import build_teacher
-from kdcore.sources import OnlineFeatures
+from kdcore.feed import OnlineFeatures
 from kdcore.spec.job import JobSpec
 
 
-def make_source(job: JobSpec, split: DataSplit, config: dict[str, Any]):
+def make_feed(job: JobSpec, split: DataSplit, config: dict[str, Any]):
     mode = job.features.mode
     if mode == "online":
         return OnlineFeatures(split, job.data, build_teacher(job, device="cpu"), job.data.batch_size, job.train.seed)
     if mode == "cache":
-        from kdcore.cache.source import CachedFeatures
+        shard = _train_shard()
+        if shard is not None:  # a Ray Train worker: its shard of the job's Ray Data pipeline
+            from kdcore.cache.handle import CacheHandle
+            from services.data.shard import ShardFeatures
+
+            m = CacheHandle.open(job.features.cache.uri, s3_endpoint=job.features.cache.s3_endpoint,
+                                 read_only=True).manifest
+            return ShardFeatures(job, split, shard, m.num_classes or 0, m.chunk_rows)
+        from kdcore.cache.jobs import CachedFeatures
 
         return CachedFeatures.open(job, split, config.get("cache_manifest"))
     if mode == "stream":
@@ -23,6 +31,16 @@ def make_source(job: JobSpec, split: DataSplit, config: dict[str, Any]):
 
         return StreamFeatures(job, split, config["teacher_app"])
     raise ValueError(f"unknown features.mode {mode!r}")
+
+
+def _train_shard():
+    """This Ray Train worker's shard of the "train" dataset, or None outside a worker / without one."""
+    try:
+        import ray.train
+
+        return ray.train.get_dataset_shard("train")
+    except Exception:  # noqa: BLE001 - not in a Train worker, or no dataset was given
+        return None
 
 
 def teacher_shapes(job: JobSpec, split: DataSplit, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -13,7 +13,8 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
-from kdcore.data.augment import apply_augment, augment_params
+from kdcore.data.order import buffered_batches, epoch_order, rank_share
+from kdcore.data.rows import RowMapper
 from kdcore.data.splits import DataSplit
 from kdcore.spec.data import DataSpec
 
@@ -35,14 +36,11 @@ class Batch:
 class FeatureSource(Protocol):
     def epoch(self, epoch: int, rank: int = 0, world: int = 1) -> Iterator[Batch]: ...
 
-    def steps_per_epoch(self, world: int = 1) -> int: ...
 
-
-def epoch_rows(n: int, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
-    """This rank's rows of a seeded shuffled epoch; every rank gets the same count (the tail is dropped)."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    per_rank = n // world
-    return order[rank * per_rank:(rank + 1) * per_rank]
+def epoch_rows(n: int, seed: int, epoch: int, rank: int, world: int, window: int = 1, mix: int = 4) -> np.ndarray:
+    """This rank's rows of a seeded shuffled epoch (windows of ``window`` consecutive rows); every rank gets the
+    same count (the tail is dropped)."""
+    return rank_share(epoch_order(n, seed, epoch, window, mix), rank, world)
 
 
 def epoch_views(n: int, views: int, seed: int, epoch: int) -> np.ndarray:
@@ -53,10 +51,15 @@ def epoch_views(n: int, views: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def student_inputs(split: DataSplit, data: DataSpec, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
-    """The augmented inputs of ``rows`` under ``views``: exactly what the teacher saw for those views."""
-    x = split.x_train[rows]
-    params = augment_params(data.augment, split.ids_train[rows], views)
-    return apply_augment(data.augment, x, params)
+    """The augmented inputs of training rows ``rows`` under ``views``: exactly what the teacher saw for those views."""
+    return RowMapper(split, data).inputs(rows, views).x
+
+
+def read_group(split: DataSplit, data: DataSpec, batch_size: int) -> int:
+    """Rows decoded (and held) at once: about ``data.read_buffer_mb`` of inputs, a whole number of batches."""
+    row_bytes = 4 * int(np.prod(split.sample_shape))
+    rows = max(1, (data.read_buffer_mb << 20) // max(row_bytes, 1))
+    return max(batch_size, rows // batch_size * batch_size)
 
 
 class OnlineFeatures:
@@ -65,15 +68,20 @@ class OnlineFeatures:
     def __init__(self, split: DataSplit, data: DataSpec, teacher, batch_size: int, seed: int) -> None:
         self.split, self.data, self.teacher = split, data, teacher
         self.batch_size, self.seed = batch_size, seed
+        self.mapper = RowMapper(split, data)
 
     def steps_per_epoch(self, world: int = 1) -> int:
         return -(-(self.split.n_train // world) // self.batch_size)
 
     def epoch(self, epoch: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
-        rows = epoch_rows(self.split.n_train, self.seed, epoch, rank, world)
-        views = epoch_views(self.split.n_train, self.data.views, self.seed, epoch)
-        for start in range(0, len(rows), self.batch_size):
-            r = rows[start:start + self.batch_size]
-            x = torch.from_numpy(student_inputs(self.split, self.data, r, views[r]))
+        d = self.data
+        rows = epoch_rows(self.split.n_train, self.seed, epoch, rank, world, d.window(), d.mix_windows)
+        views = epoch_views(self.split.n_train, d.views, self.seed, epoch)
+
+        def read(grp: np.ndarray) -> dict:
+            return {"x": self.mapper.inputs(grp, views[grp]).x}
+
+        for r, got in buffered_batches(rows, self.batch_size, read_group(self.split, d, self.batch_size), read):
+            x = torch.from_numpy(got["x"])
             yield Batch(x=x, y=torch.from_numpy(self.split.y_train[r]), labeled=torch.from_numpy(self.split.labeled[r]),
                         idx=torch.from_numpy(r.astype(np.int64)), teacher=self.teacher(x))

@@ -8,16 +8,15 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from kdcore.cache.fingerprint import dataset_fingerprint, teacher_fingerprint
+from kdcore.cache.fingerprint import teacher_fingerprint
 from kdcore.cache.handle import CacheHandle
-from kdcore.cache.layout import rows_to_samples
 from kdcore.cache.manifest import Manifest, make_manifest
 from kdcore.cache.reader import CacheLoader
-from kdcore.cache.writer import BuildReport, CacheWriter, build
-from kdcore.data.augment import apply_augment, augment_params, n_params
+from kdcore.data.augment import n_params
+from kdcore.data.rows import RowMapper
 from kdcore.data.splits import DataSplit
 from kdcore.errors import UserError
-from kdcore.sources import Batch
+from kdcore.feed import Batch
 from kdcore.spec.job import JobSpec
 from kdcore.teacher import LOGITS, TeacherRunner
 
@@ -25,11 +24,12 @@ from kdcore.teacher import LOGITS, TeacherRunner
 def job_manifest(job: JobSpec, split: DataSplit, runner: TeacherRunner) -> Manifest:
     """The manifest of the cache ``job`` needs: its teacher, training rows, tapped layers, views, augmentation."""
     arch = {"model": job.teacher.model.model_dump(mode="json"), "precision": job.teacher.precision}
-    shapes = runner.shapes(torch.from_numpy(split.x_train[:2]))
+    mapper = RowMapper(split, job.data)
+    shapes = runner.shapes(torch.from_numpy(mapper.cache_rows(0, min(2, mapper.n_rows)).x))
     layers = {k: v for k, v in shapes.items() if k != LOGITS}
     return make_manifest(
         teacher=teacher_fingerprint(runner.model, arch),
-        dataset=dataset_fingerprint(split.ids_train, split.x_train),
+        dataset=split.fingerprint(),
         n_samples=split.n_train, layers=layers, num_classes=int(shapes[LOGITS][0]),
         views=job.data.views, augmentation=job.data.augment.model_dump(mode="json"), aug_seed=job.data.augment.seed,
         aug_params=n_params(job.data.augment), spec=job.features.cache)
@@ -37,29 +37,16 @@ def job_manifest(job: JobSpec, split: DataSplit, runner: TeacherRunner) -> Manif
 
 def compute_rows(job: JobSpec, split: DataSplit, runner: TeacherRunner) -> Callable[[int, int], dict[str, np.ndarray]]:
     """``compute_fn(row_start, row_stop)`` for the cache writer: augment each (sample, view), run the teacher."""
-    views = job.data.views
+    mapper = RowMapper(split, job.data)
 
     def compute(row_start: int, row_stop: int) -> dict[str, np.ndarray]:
-        samples, view = rows_to_samples(row_start, row_stop, views)
-        params = augment_params(job.data.augment, split.ids_train[samples], view)
-        x = apply_augment(job.data.augment, split.x_train[samples], params)
-        out = {k: v.numpy() for k, v in runner(torch.from_numpy(x)).items()}
-        if params.shape[1]:
-            out["aug"] = params
+        got = mapper.cache_rows(row_start, row_stop)  # one contiguous read of the rows' inputs
+        out = {k: v.numpy() for k, v in runner(torch.from_numpy(got.x)).items()}
+        if got.params.shape[1]:
+            out["aug"] = got.params
         return out
 
     return compute
-
-
-def build_in_process(job: JobSpec, split: DataSplit, runner: TeacherRunner, progress=None) -> BuildReport:
-    """Build (or resume, or reuse) the job's cache with the teacher in this process."""
-    spec = job.features.cache
-    if not spec.uri:
-        raise UserError("features.cache.uri is not set; set it to a directory, s3://bucket/prefix or memory://name")
-    manifest = job_manifest(job, split, runner)
-    writer = CacheWriter.open_or_create(spec.uri, manifest, split.ids_train, reuse=spec.reuse,
-                                        s3_endpoint=spec.s3_endpoint)
-    return build(writer, compute_rows(job, split, runner), progress=progress)
 
 
 def cached_teacher_shapes(job: JobSpec) -> dict[str, tuple[int, ...]]:
@@ -114,12 +101,10 @@ class CachedFeatures:
     def epoch(self, epoch: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
         loader = self._loader(rank, world)
         loader.set_epoch(epoch)
-        aug = self.job.data.augment
+        mapper = RowMapper(self.split, self.job.data)
         for b in loader:
             s = np.asarray(b["row"], dtype=np.int64) // self.manifest.views  # training-row index of each row
-            x = self.split.x_train[s]
-            if aug.kind != "none" and b["aug"].shape[1]:
-                x = apply_augment(aug, x, np.asarray(b["aug"]))  # replay exactly the view the teacher saw
+            x = mapper.inputs(s, params=np.asarray(b["aug"])).x  # replay exactly the view the teacher saw
             teacher = {k: torch.from_numpy(np.asarray(v)) for k, v in b["features"].items()}
             teacher[LOGITS] = _logits(b, self.manifest.num_classes or 0)
             yield Batch(x=torch.from_numpy(np.ascontiguousarray(x)), y=torch.from_numpy(self.split.y_train[s]),

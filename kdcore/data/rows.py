@@ -1,0 +1,103 @@
+"""The one row mapper: feature-cache row -> (training sample, view) -> augmentation -> the input the teacher
+saw, and the same input again for the student.
+
+Cache rows follow the training rows' order with each sample's views adjacent: row ``r`` is sample
+``r // views``, view ``r % views``. A contiguous range of cache rows is therefore a contiguous range of
+training rows, which is a contiguous source range: the cache build, the teacher replicas, the stream, the
+training loader and the HTTP ``/v1/features`` endpoint all read inputs through here, in windows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kdcore.data.augment import apply_augment, augment_params, n_params, output_shape
+from kdcore.data.splits import DataSplit
+from kdcore.errors import DataError
+from kdcore.spec.data import DataSpec
+
+
+def rows_to_samples(start: int, stop: int, views: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sample, view) of cache rows [start, stop)."""
+    r = np.arange(start, stop, dtype=np.int64)
+    return r // views, r % views
+
+
+@dataclass
+class Inputs:
+    """Inputs of some (sample, view) pairs, as the teacher and the student see them."""
+
+    samples: np.ndarray  # (n,) training-row indices
+    views: np.ndarray  # (n,) view of each
+    x: np.ndarray  # (n, ...) float32, normalised and augmented
+    params: np.ndarray  # (n, P) float32 augmentation parameters (P = 0 without augmentation)
+
+
+class RowMapper:
+    """Maps samples/views/cache rows of one split to their inputs."""
+
+    def __init__(self, split: DataSplit, data: DataSpec) -> None:
+        self.split, self.data, self.aug = split, data, data.augment
+        self.views = data.views
+        shape = split.sample_shape
+        self._hw = tuple(shape[-2:]) if len(shape) >= 3 else None
+        if self.aug.kind != "none" and self._hw is None:
+            raise DataError(f"data.augment.kind {self.aug.kind!r} needs image inputs (C, H, W); the inputs are "
+                            f"shaped {tuple(shape)}: set data.augment.kind: none or reshape the data (data.source.shape)")
+
+    @property
+    def n_rows(self) -> int:
+        """Cache rows: training samples x views."""
+        return self.split.n_train * self.views
+
+    @property
+    def n_params(self) -> int:
+        return n_params(self.aug)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Per-row shape of what the models see (after augmentation)."""
+        return output_shape(self.aug, tuple(self.split.sample_shape))
+
+    def params(self, samples: np.ndarray, views: np.ndarray | int) -> np.ndarray:
+        """Augmentation parameters of each (sample, view), from the seeded stateless draw."""
+        return augment_params(self.aug, self.split.ids_train[samples], views, self._hw)
+
+    def replay(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
+        """Apply stored parameters to normalised inputs ``x``: exactly the view the parameters describe."""
+        if self.aug.kind == "none" or params.shape[1] == 0:
+            return x
+        return apply_augment(self.aug, x, params)
+
+    def inputs(self, samples: np.ndarray, views: np.ndarray | int = 0, params: np.ndarray | None = None) -> Inputs:
+        """Inputs of training samples ``samples`` (any order) under ``views`` (or the given ``params``)."""
+        samples = np.asarray(samples, dtype=np.int64)
+        views = np.broadcast_to(np.asarray(views, dtype=np.int64), samples.shape).copy()
+        params = self.params(samples, views) if params is None else np.asarray(params, dtype=np.float32)
+        x = self.replay(self.split.train_inputs(samples), params)
+        return Inputs(samples, views, x, params)
+
+    def cache_rows(self, start: int, stop: int) -> Inputs:
+        """Inputs of cache rows [start, stop): one contiguous read of their training rows."""
+        samples, views = rows_to_samples(start, stop, self.views)
+        if not len(samples):
+            return self.inputs(samples, views)
+        s0 = int(samples[0])
+        base = self.split.train_window(s0, int(samples[-1]) + 1)
+        params = self.params(samples, views)
+        return Inputs(samples, views, self.replay(base[samples - s0], params), params)
+
+    def samples_of_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Training-row index of each sample id; a clear error names ids that are not training rows."""
+        ids = np.asarray(ids, dtype=np.int64)
+        known = self.split.ids_train
+        order = np.argsort(known, kind="stable")
+        pos = np.searchsorted(known, ids, sorter=order)
+        pos = np.minimum(pos, len(known) - 1)
+        found = order[pos]
+        bad = known[found] != ids
+        if bad.any():
+            raise DataError(f"unknown sample id(s) {ids[bad][:10].tolist()}: not training rows of this dataset")
+        return found

@@ -1,0 +1,39 @@
+"""What a Ray Data task needs to read a job's data, built once per process from the job's JSON."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from kdcore.data.rows import RowMapper
+from kdcore.data.splits import DataSplit, make_split
+from kdcore.spec.job import JobSpec
+
+_LOCK = threading.Lock()
+_CONTEXTS: dict[str, "DataContext"] = {}
+
+
+@dataclass
+class DataContext:
+    job: JobSpec
+    split: DataSplit
+    mapper: RowMapper
+
+
+def job_key(job_json: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(job_json.get("data"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_context(job_json: dict[str, Any]) -> DataContext:
+    """The job's split and row mapper in this process (opened once: a reader holds only metadata)."""
+    key = job_key(job_json)
+    with _LOCK:
+        ctx = _CONTEXTS.get(key)
+        if ctx is None:
+            job = JobSpec.model_validate(job_json)
+            split = make_split(job.data)
+            ctx = _CONTEXTS[key] = DataContext(job, split, RowMapper(split, job.data))
+        return ctx

@@ -1,0 +1,41 @@
+"""The job's Ray Data pipelines.
+
+``cache_training_dataset``: cache chunks (in a new random order each epoch) joined with their input rows,
+decoded and augmented by a bounded number of Ray tasks; Ray Train splits it across the workers
+(``streaming_split``, equal shares), each worker consumes its shard with a local shuffle buffer. Memory is
+bounded by Ray Data's streaming executor (a few blocks in flight per operator), not by the dataset.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from kdcore.spec.job import JobSpec
+from services.data.datasource import CacheRowsDatasource
+from services.data.transforms import decode_inputs
+
+
+def decode_tasks(job: JobSpec) -> int:
+    """Concurrent read and decode tasks: ``features.cache.decode_workers`` if set, else 2 (they share the
+    node's cores with training; each is a Ray worker process with its own torch)."""
+    return job.features.cache.decode_workers or max(1, min(2, os.cpu_count() or 2))
+
+
+def cache_training_dataset(job: JobSpec, job_json: dict[str, Any] | None = None):
+    """The training dataset of a cache-mode job (see the module docstring)."""
+    import ray.data
+
+    job_json = job_json or job.model_dump(mode="json")
+    spec = job.features.cache
+    source = CacheRowsDatasource(job_json, spec.uri, spec.s3_endpoint)
+    # Logical CPUs: 0. Ray Train's workers hold the CPUs of their placement group; reads and decodes that asked
+    # for CPUs on top would never be scheduled on a small machine (2 CPUs, 2 workers), and the job would hang.
+    # They run beside training on whatever cores are free; the decode pool's size bounds what they take.
+    # Decoding runs as tasks in Ray's pooled worker processes (an actor pool would start again every epoch).
+    n = decode_tasks(job)
+    ds = ray.data.read_datasource(source, override_num_blocks=len(source.chunks), num_cpus=0,
+                                  compute=ray.data.TaskPoolStrategy(size=n))
+    ds = ds.randomize_block_order()
+    return ds.map_batches(decode_inputs, fn_kwargs={"job_json": job_json}, batch_size=None, batch_format="numpy",
+                          num_cpus=0, compute=ray.data.TaskPoolStrategy(size=n), zero_copy_batch=False)

@@ -1,0 +1,46 @@
+"""The training worker's feature source in cache mode: its shard of the job's Ray Data pipeline."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from kdcore.cache.layout import LOGITS, TOPK_IDX, TOPK_VAL
+from kdcore.data.splits import DataSplit
+from kdcore.feed import Batch
+from kdcore.spec.job import JobSpec
+from services.data.datasource import FEATURE_PREFIX
+
+
+def teacher_logits(batch: dict[str, Any], num_classes: int) -> torch.Tensor:
+    """Logits of a cache batch: stored whole, or as top-k (the rest get -1e4: no mass at KD's temperatures)."""
+    if LOGITS in batch:
+        return torch.from_numpy(np.asarray(batch[LOGITS], dtype=np.float32))
+    idx = torch.from_numpy(np.asarray(batch[TOPK_IDX], dtype=np.int64))
+    val = torch.from_numpy(np.asarray(batch[TOPK_VAL], dtype=np.float32))
+    return torch.full((len(idx), num_classes), -1e4).scatter_(1, idx, val)
+
+
+class ShardFeatures:
+    """Batches of one worker's ``get_dataset_shard("train")``: each epoch is one pass over the shard, rows
+    mixed in a local shuffle buffer of ``shuffle_window`` cache chunks (seeded by epoch)."""
+
+    def __init__(self, job: JobSpec, split: DataSplit, shard, num_classes: int, chunk_rows: int) -> None:
+        self.job, self.split, self.shard, self.num_classes = job, split, shard, num_classes
+        self.buffer = max(job.data.batch_size, job.features.cache.shuffle_window * chunk_rows)
+
+    def epoch(self, epoch: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        bs = self.job.data.batch_size
+        for b in self.shard.iter_batches(batch_size=bs, batch_format="numpy", drop_last=world > 1,
+                                         local_shuffle_buffer_size=self.buffer,
+                                         local_shuffle_seed=hash((self.job.train.seed, epoch, rank)) % 2**31,
+                                         prefetch_batches=2):
+            s = np.asarray(b["sample"], dtype=np.int64)
+            teacher = {k[len(FEATURE_PREFIX):]: torch.from_numpy(np.asarray(v, dtype=np.float32))
+                       for k, v in b.items() if k.startswith(FEATURE_PREFIX)}
+            teacher[LOGITS] = teacher_logits(b, self.num_classes)
+            yield Batch(x=torch.from_numpy(np.ascontiguousarray(b["x"], dtype=np.float32)),
+                        y=torch.from_numpy(self.split.y_train[s]), labeled=torch.from_numpy(self.split.labeled[s]),
+                        idx=torch.from_numpy(s), teacher=teacher)

@@ -1,0 +1,41 @@
+"""``map_batches`` steps: decode stored input rows, normalise, replay each row's augmentation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from services.data.context import data_context
+from services.data.datasource import RAW
+
+
+def decode_inputs(batch: dict[str, np.ndarray], job_json: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``raw`` (stored rows) + ``aug`` (parameters) -> ``x``: the exact input the teacher saw for each row.
+    A plain function, so Ray Data runs it as tasks in Ray's pooled worker processes (an actor pool would be
+    started again for every epoch's execution)."""
+    return DecodeInputs(job_json)(batch)
+
+
+class DecodeInputs:
+    """``raw`` (stored rows) + ``aug`` (parameters) -> ``x``: the exact input the teacher saw for each row."""
+
+    def __init__(self, job_json: dict[str, Any]) -> None:
+        self.job_json = job_json
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        torch.set_num_threads(1)
+        ctx = data_context(self.job_json)
+        reader, split = ctx.split.reader, ctx.split
+        raw = batch.pop(RAW)
+        samples = np.asarray(batch["sample"])
+        uniq, inverse = np.unique(samples, return_inverse=True)  # views of one sample share its decode
+        first = np.searchsorted(samples, uniq) if np.all(np.diff(samples) >= 0) else \
+            np.array([np.flatnonzero(samples == u)[0] for u in uniq])
+        stored = [raw[j] for j in first.tolist()] if raw.dtype == object else raw[first]
+        x = reader.finish(reader.decode(stored, int(split.train_rows[uniq[0]]) if len(uniq) else 0))
+        x = split.norm(x)[inverse]
+        batch["x"] = ctx.mapper.replay(x, np.asarray(batch["aug"], dtype=np.float32))
+        return batch

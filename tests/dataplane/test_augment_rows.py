@@ -1,0 +1,64 @@
+"""Replayable augmentation (RandomResizedCrop, flips, per-channel normalisation) and the one row mapper."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kdcore.data.augment import augment_params
+from kdcore.data.rows import RowMapper
+from kdcore.data.splits import make_split
+from kdcore.data.synth import write_parquet_images
+from kdcore.spec.data import AugmentSpec, DataSpec
+
+
+def _split(tmp_path, **data):
+    write_parquet_images(tmp_path / "pq", 300, size=24, shards=2, rows_per_group=50)
+    spec = DataSpec.model_validate({"source": {"kind": "parquet", "path": str(tmp_path / "pq"), "image_column": "image",
+                                               "label_column": "label", "id_column": "id", "image_size": 24}, **data})
+    return spec, make_split(spec)
+
+
+def test_random_resized_crop_params_are_a_stateless_draw_within_the_image():
+    spec = AugmentSpec(kind="random_resized_crop", size=16, flip=True, seed=3)
+    ids, views = np.arange(200), np.r_[np.zeros(20, int), np.ones(180, int)]
+    p = augment_params(spec, ids, views, (24, 24))
+    assert np.array_equal(p, augment_params(spec, ids, views, (24, 24)))  # same (seed, id, view) -> same box
+    top, left, h, w, flip = p.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 24).all() and (left + w <= 24).all()
+    assert np.array_equal(p[:20], np.tile([4, 4, 16, 16, 0], (20, 1)))  # view 0: the centre crop
+    area = h[20:] * w[20:] / 576
+    assert area.min() >= 0.08 - 0.02 and area.max() <= 1.0 and 0.3 < flip[20:].mean() < 0.7
+    assert len({tuple(r) for r in p[20:]}) > 150
+    other = augment_params(spec.model_copy(update={"seed": 4}), ids, views, (24, 24))
+    assert not np.array_equal(p[20:], other[20:])
+
+
+def test_the_student_replays_the_teachers_view_pixel_for_pixel(tmp_path):
+    data, split = _split(tmp_path, views=3, normalize=True, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3],
+                         augment={"kind": "random_resized_crop", "size": 16, "flip": True, "seed": 1})
+    mapper = RowMapper(split, data)
+    assert mapper.input_shape == (3, 16, 16) and mapper.n_rows == 3 * split.n_train
+    teacher = mapper.cache_rows(30, 90)  # what the cache build computes on: 20 samples x 3 views, one read
+    assert teacher.x.shape == (60, 3, 16, 16)
+    assert np.array_equal(teacher.samples, np.repeat(np.arange(10, 30), 3))
+    # the student reads (sample, params) back from the cache, in another order, and replays them
+    order = np.random.default_rng(0).permutation(60)
+    student = mapper.inputs(teacher.samples[order], params=teacher.params[order])
+    assert np.array_equal(student.x, teacher.x[order])
+    # per-channel normalisation happened before the crop: view 0 is the normalised centre crop
+    raw = split.reader.read(int(split.train_rows[10]), int(split.train_rows[10]) + 1)[0]
+    expected = (raw - np.array([0.5, 0.4, 0.3])[:, None, None]) / np.array([0.2, 0.25, 0.3])[:, None, None]
+    assert np.allclose(teacher.x[0], expected[:, 4:20, 4:20], atol=1e-6)
+
+
+def test_ids_map_back_to_training_rows(tmp_path):
+    data, split = _split(tmp_path)
+    mapper = RowMapper(split, data)
+    pick = np.array([5, 0, 17])
+    assert np.array_equal(mapper.samples_of_ids(split.ids_train[pick]), pick)
+    import pytest
+
+    from kdcore.errors import DataError
+
+    with pytest.raises(DataError, match="unknown sample id"):
+        mapper.samples_of_ids(np.array([-1]))

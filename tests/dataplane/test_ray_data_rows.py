@@ -1,0 +1,71 @@
+"""The Ray Data blocks of a cache-mode job (no cluster needed to read one): a cache chunk joined with its
+stored input rows, decoded and augmented by the map_batches step into exactly the teacher's inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdcore.cache import build
+from kdcore.cache.jobs import compute_rows, job_manifest
+from kdcore.cache.writer import CacheWriter
+from kdcore.data.rows import RowMapper
+from kdcore.data.synth import write_parquet_images
+from kdcore.errors import CacheError
+from kdcore.loop import build_teacher, load_split
+from kdcore.spec import JobSpec
+
+
+@pytest.fixture
+def cached_job(tmp_path, digits_job):
+    write_parquet_images(tmp_path / "pq", 400, size=20, shards=2, rows_per_group=64)
+    model = {"kind": "factory", "target": "kdcore.zoo:image_cnn"}
+    digits_job["teacher"] = {"model": {**model, "kwargs": {"width": 8, "stem_stride": 2}}, "taps": ["embed"]}
+    digits_job["student"]["model"] = {**model, "kwargs": {"width": 4, "stem_stride": 2}}
+    digits_job["data"] = {"source": {"kind": "parquet", "path": str(tmp_path / "pq"), "image_column": "image",
+                                     "label_column": "label", "id_column": "id", "image_size": 20},
+                          "views": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+                          "augment": {"kind": "random_resized_crop", "size": 16, "flip": True, "seed": 2}}
+    digits_job["features"] = {"mode": "cache", "cache": {"uri": str(tmp_path / "cache"), "chunk_rows": 100}}
+    job = JobSpec.from_dict(digits_job)
+    split, runner = load_split(job), build_teacher(job)
+    cache = CacheWriter.open_or_create(job.features.cache.uri, job_manifest(job, split, runner), split.ids_train)
+    assert build(cache, compute_rows(job, split, runner)).complete
+    return job, split, runner
+
+
+def test_a_block_decodes_to_the_inputs_the_teacher_saw(cached_job):
+    from ray.data.block import BlockAccessor
+
+    from services.data.datasource import CacheRowsDatasource
+    from services.data.transforms import DecodeInputs
+
+    job, split, runner = cached_job
+    job_json = job.model_dump(mode="json")
+    source = CacheRowsDatasource(job_json, job.features.cache.uri)
+    assert len(source.get_read_tasks(4)) == len(source.chunks) == -(-split.n_train * 3 // 100)
+    block = BlockAccessor.for_block(source.read_block(2)).to_numpy()
+    assert block["raw"].dtype == object and isinstance(block["raw"][0], bytes)  # still encoded: decoded later
+    rows = DecodeInputs(job_json)(dict(block))
+    expected = RowMapper(split, job.data).cache_rows(200, 300)
+    assert np.array_equal(rows["row"], np.arange(200, 300)) and np.array_equal(rows["sample"], expected.samples)
+    assert rows["x"].shape == (100, 3, 16, 16)
+    assert np.array_equal(rows["x"], expected.x)  # the student's replayed view, pixel for pixel
+    teacher = runner(torch.from_numpy(rows["x"]))
+    assert np.allclose(rows["f.embed"], teacher["embed"].numpy(), atol=1e-2)  # fp16 cache of the same forward
+
+
+def test_a_corrupted_chunk_stops_the_block_naming_it(cached_job):
+    from services.data.datasource import CacheRowsDatasource
+
+    job, _, _ = cached_job
+    source = CacheRowsDatasource(job.model_dump(mode="json"), job.features.cache.uri)
+    chunk = Path(job.features.cache.uri) / "layers" / "embed" / "c.1.0"  # chunk 1 of the embed features
+    data = bytearray(chunk.read_bytes())
+    data[10:20] = b"\xff" * 10
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=r"chunk 1 .*corrupted.*kd cache verify --repair"):
+        source.read_block(1)
