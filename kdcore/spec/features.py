@@ -41,9 +41,15 @@ class CacheSpec(Spec):
     s3_endpoint: str | None = Field(default=None, description="S3-compatible endpoint URL (default: AWS or $AWS_ENDPOINT_URL).")
     shuffle_window: int = Field(default=8, ge=1, description="Chunks mixed together when shuffling rows.")
     prefetch: int = Field(default=4, ge=1, description="Chunk reads in flight in background threads.")
+    loader: Literal["auto", "ray_data", "threads"] = Field(
+        default="auto", description="How Ray Train workers read the cache: ray_data (the job's Ray Data pipeline: "
+        "chunks joined with their input rows, decoded by Ray tasks, split across workers), threads (each worker "
+        "reads its chunks in background threads, inputs from its own reader), auto (ray_data for datasets read "
+        "from files: parquet, imagefolder, npy_dir; threads for in-memory ones, where a pipeline per epoch costs "
+        "more than it saves).")
     decode_workers: int | None = Field(default=None, ge=1, description="Ray jobs: concurrent Ray Data tasks that "
                                        "read cache chunks and decode and augment their input rows for the training "
-                                       "workers (default 2).")
+                                       "workers (loader ray_data; default 2).")
 
 
 class FeaturesSpec(Spec):

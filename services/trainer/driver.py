@@ -54,6 +54,12 @@ def worker_error(e: BaseException) -> BaseException:
     return TrainingError(f"training failed on a worker: {type(root).__name__}: {lines[-1] if lines else ''}")
 
 
+def uses_ray_data(job: JobSpec) -> bool:
+    """Whether the job's workers read the cache through the Ray Data pipeline (``features.cache.loader``)."""
+    loader = job.features.cache.loader
+    return loader == "ray_data" or (loader == "auto" and job.data.source.kind in ("parquet", "imagefolder", "npy_dir"))
+
+
 def fit_interruptibly(trainer):
     """``trainer.fit()`` with Ctrl-C raising ``KeyboardInterrupt`` here, like in every other stage of a job.
 
@@ -132,7 +138,7 @@ def train_student(job: JobSpec, out_dir: str | Path | None = None, extra_config:
         if use_gpu:
             resources["GPU"] = job.train.gpus_per_worker
         datasets = {}
-        if job.features.mode == "cache":
+        if job.features.mode == "cache" and uses_ray_data(job):
             from services.data.pipeline import cache_training_dataset
 
             datasets["train"] = cache_training_dataset(job, config["job"])
