@@ -1,7 +1,8 @@
 """The plain single-process training loop (``kd train --local``), built from reusable steps.
 
-The Ray trainer calls the same steps (``build_session``, ``train_epoch``, ``evaluate``, ``save_checkpoint``)
-inside each worker; this module runs them in one process, which is what you want to debug a spec.
+The Ray trainer calls the same steps (``build_session``, ``train_epoch``, ``evaluate_split``, and
+``kdcore.checkpoints``) inside each worker; this module runs them in one process, which is what you want to
+debug a spec. Teacher training (``kd train-teacher``) is in ``kdcore.teacher_train``.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcore.data.order import buffered_batches
 from kdcore.data.splits import DataSplit, make_split
+from kdcore.checkpoints import load_checkpoint_file, save_checkpoint
 from kdcore.distiller import Distiller, probe_shapes
 from kdcore.errors import TrainingError
 from kdcore.export import export_student
-from kdcore.modeling import build_model, load_checkpoint, model_from_spec, save_weights
+from kdcore.modeling import model_from_spec
 from kdcore.progress import Progress
-from kdcore.feed import Batch, OnlineFeatures, epoch_rows, read_group
+from kdcore.feed import Batch, OnlineFeatures
 from kdcore.spec.job import JobSpec
 from kdcore.spec.train import TrainSpec
 from kdcore.teacher import TeacherRunner
@@ -235,49 +236,6 @@ def evaluate_split(model: nn.Module, split: DataSplit, batch_size: int = 256) ->
     return evaluate_batches(model, split.val_batches(batch_size))
 
 
-# -- checkpoints ------------------------------------------------------------------------------------
-def checkpoint_state(session: Session) -> dict[str, Any]:
-    return {"distiller": session.distiller.state_dict(), "optimizer": session.optimizer.state_dict(),
-            "scheduler": session.scheduler.state_dict(), "epoch": session.epoch, "step": session.step,
-            "history": json.dumps(session.history)}
-
-
-def restore_state(session: Session, state: dict[str, Any]) -> None:
-    session.distiller.load_state_dict(state["distiller"])
-    session.optimizer.load_state_dict(state["optimizer"])
-    session.scheduler.load_state_dict(state["scheduler"])
-    session.epoch = int(state["epoch"])
-    session.step = int(state.get("step", 0))
-    session.history = json.loads(state["history"])
-    # the schedule follows the *current* spec (e.g. more epochs than the interrupted run had)
-    sched = session.scheduler
-    for group, base, fn in zip(session.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-        group["lr"] = base * fn(sched.last_epoch)
-
-
-def save_checkpoint(session: Session, directory: str | Path) -> Path:
-    """Atomically write ``directory/state.pt`` (student, heads, optimiser, schedule, epoch, bank)."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / "state.pt.tmp"
-    torch.save(checkpoint_state(session), tmp)
-    tmp.replace(d / "state.pt")
-    return d / "state.pt"
-
-
-def load_checkpoint_file(session: Session, path: str | Path) -> None:
-    restore_state(session, torch.load(path, map_location="cpu", weights_only=True))
-
-
-def student_from_checkpoint(job: JobSpec, path: str | Path) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """The student (no heads, no bank) and the metric history stored in a training checkpoint."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    student = build_model(job.student.model)
-    prefix = "student."
-    student.load_state_dict({k[len(prefix):]: v for k, v in state["distiller"].items() if k.startswith(prefix)})
-    return student, json.loads(state["history"])
-
-
 # -- the local loop ----------------------------------------------------------------------------------
 def run_dir(job: JobSpec) -> Path:
     return Path(job.output.dir) / job.name
@@ -326,37 +284,3 @@ def teacher_shapes_of(job: JobSpec, split: DataSplit, teacher: TeacherRunner | N
     if teacher is None:
         teacher = build_teacher(job, device="cpu")
     return teacher.shapes(torch.from_numpy(split.sample(2)))
-
-
-def train_teacher_local(job: JobSpec, out_path: str | Path | None = None, epochs: int | None = None,
-                        progress: bool = True, log: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Supervised training of the job's teacher on every labeled training row; saves safetensors weights."""
-    split = load_split(job)
-    seed_everything(job.train.seed)
-    model = build_model(job.teacher.model)
-    spec = job.train.model_copy(update={"epochs": epochs or job.train.epochs})
-    opt = make_optimizer(spec, model.parameters())
-    sched = make_scheduler(spec, opt)
-    n, bs, d = split.n_train, job.data.batch_size, job.data
-    history = []
-    for e in range(spec.epochs):
-        model.train()
-        rows = epoch_rows(n, job.train.seed, e, 0, 1, d.window(), d.mix_windows)
-        with Progress(n, f"[teacher] epoch {e + 1}/{spec.epochs}", enabled=progress) as bar:
-            for r, got in buffered_batches(rows, bs, read_group(split, d, bs), lambda g: {"x": split.train_inputs(g)}):
-                loss = F.cross_entropy(model(torch.from_numpy(got["x"])), torch.from_numpy(split.y_train[r]))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                bar.update(len(r), postfix=f"loss {loss.item():.4f}")
-        sched.step()
-        history.append({"epoch": e + 1, **evaluate_split(model, split, d.eval_batch_size)})
-    path = Path(out_path or job.teacher.checkpoint or (run_dir(job) / "teacher.safetensors"))
-    save_weights(model, path)
-    if log:
-        log(f"[teacher] val acc {history[-1]['val/acc']:.4f}; weights written to {path}")
-    return {"history": history, "final": history[-1], "checkpoint": str(path)}
-
-
-def reload_teacher(job: JobSpec, path: str | Path) -> nn.Module:
-    return load_checkpoint(build_model(job.teacher.model), path)

@@ -1,5 +1,7 @@
 """Projection heads: map student (and optionally teacher) features into the space a loss compares.
 
+Over 300 lines on purpose: every head kind (and the ensemble wrapper) is a small class, kept side by side.
+
 Built from a :class:`kdcore.spec.ProjectorSpec` (read through ``getattr`` only, so any object with
 the same attributes works). Kinds:
 

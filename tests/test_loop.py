@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from kdcore.distiller import Distiller, probe_shapes
 from kdcore.export import load_student
-from kdcore.loop import build_session, load_split, train_local, train_teacher_local
+from kdcore.loop import build_session, load_split, train_local
+from kdcore.teacher_train import train_teacher_local
 from kdcore.spec import JobSpec
 from kdcore.teacher import TeacherRunner
 from kdcore.zoo import digits_cnn
@@ -82,7 +83,7 @@ def test_export_has_no_heads_and_reloads_to_identical_logits(tmp_path, digits_jo
     split = load_split(job)
     x = torch.from_numpy(split.x_val[:32])
     session = build_session(job, split, {"embed": (32,), "block3": (32, 4, 4), "logits": (10,)})
-    from kdcore.loop import load_checkpoint_file
+    from kdcore.checkpoints import load_checkpoint_file
 
     load_checkpoint_file(session, tmp_path / "run" / "checkpoints" / "state.pt")
     assert torch.equal(model(x), session.student.eval()(x))

@@ -1,5 +1,8 @@
 """Reading a cache for training: chunk-aligned blocks, shuffled, split across ranks, prefetched.
 
+Over 300 lines on purpose: the loader's epoch plan, its prefetching threads and its one-copy batch gather
+share state and are read together; ``read_chunk`` (a verified chunk read) is the part others use.
+
 Each epoch (``set_epoch``):
 
 1. the chunk order is a seeded permutation of all chunks (``seed``, ``epoch``), the same on every rank;

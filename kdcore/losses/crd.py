@@ -1,5 +1,8 @@
 """Contrastive representation distillation with a memory bank of negatives.
 
+Over 300 lines on purpose: both objectives, both negative schemes and the remote-bank protocol are one
+method, documented and tested together.
+
 Tian, Krishnan & Isola, "Contrastive Representation Distillation", ICLR 2020. ``objective="nce"``
 follows the authors' reference code (RepDistiller ``CRDLoss`` + ``ContrastMemory`` +
 ``ContrastLoss``) so the published hyperparameters (T = 0.07, momentum 0.5, feat_dim 128,

@@ -1,8 +1,9 @@
 """The digits distillation study: vanilla, KD, FitNet, CRD, CRD+KD and the 2021-2024 methods (DKD, KD and DKD
-with logit standardisation, DIST, NKD, SRD, MGD, ReviewKD) against one teacher.
+with logit standardisation, DIST, NKD, SRD, MGD, ReviewKD) against one teacher. Over 300 lines on purpose: one table of method recipes (a few lines each) next to the
+runner that trains them.
 
 ``run()`` loads ``examples/digits_base.yaml``, trains the width-32 ``digits_cnn`` teacher once with
-:func:`kdcore.loop.train_teacher_local` if its checkpoint is missing, then trains every
+:func:`kdcore.teacher_train.train_teacher_local` if its checkpoint is missing, then trains every
 (setting x method x seed) student with :func:`kdcore.loop.train_local` in this process
 (``features.mode: online``: the teacher runs in-process on every batch) and returns the per-run rows,
 a per-(setting, method) summary (mean and sample std over seeds) and a Markdown table.
@@ -175,7 +176,8 @@ def describe_losses(losses: Iterable[dict[str, Any]]) -> str:
 def ensure_teacher(base: dict[str, Any], checkpoint: str | Path, epochs: int | None = None,
                    log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Train the teacher into ``checkpoint`` if it is missing; return its validation accuracy and how it came."""
-    from kdcore.loop import evaluate, load_split, reload_teacher, train_teacher_local
+    from kdcore.loop import evaluate, load_split
+    from kdcore.teacher_train import reload_teacher, train_teacher_local
 
     job = make_job(base, "all", "vanilla", 0, teacher_checkpoint=checkpoint)
     path = Path(checkpoint)

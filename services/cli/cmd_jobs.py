@@ -78,7 +78,7 @@ def _run_local(sweep_spec, base, out: Path, quiet: bool) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from kdcore.loop import train_teacher_local
+    from kdcore.teacher_train import train_teacher_local
 
     sweep_spec, base = _load_sweep(str(demo_sweep_path()))
     ckpt = Path(base.teacher.checkpoint)

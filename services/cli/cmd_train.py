@@ -63,7 +63,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def train_teacher(args: argparse.Namespace) -> int:
-    from kdcore.loop import train_teacher_local
+    from kdcore.teacher_train import train_teacher_local
     from kdcore.spec import JobSpec
 
     job = JobSpec.from_yaml(args.spec)
@@ -83,7 +83,8 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 def export(args: argparse.Namespace) -> int:
     from kdcore.export import export_student
-    from kdcore.loop import run_dir, student_from_checkpoint
+    from kdcore.checkpoints import student_from_checkpoint
+    from kdcore.loop import run_dir
     from kdcore.spec import JobSpec
 
     job = JobSpec.from_yaml(args.spec)

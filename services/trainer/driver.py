@@ -10,7 +10,8 @@ import ray
 
 from kdcore.errors import KDError, TrainingError, UserError
 from kdcore.export import export_student
-from kdcore.loop import load_split, run_dir, student_from_checkpoint, teacher_shapes_of
+from kdcore.checkpoints import student_from_checkpoint
+from kdcore.loop import load_split, run_dir, teacher_shapes_of
 from kdcore.spec.job import JobSpec
 from kdcore.spec.paths import resolve_paths
 from services.membank.actor import create_bank_actor

@@ -18,7 +18,8 @@ import ray.train
 import ray.train.torch
 import torch
 
-from kdcore.loop import build_session, evaluate_split, load_checkpoint_file, load_split, save_checkpoint, train_epoch
+from kdcore.checkpoints import load_checkpoint_file, save_checkpoint
+from kdcore.loop import build_session, evaluate_split, load_split, train_epoch
 from kdcore.spec.job import JobSpec
 from services.membank.client import RemoteBank
 from services.trainer.feeds import make_feed, teacher_shapes
