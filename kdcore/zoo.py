@@ -42,26 +42,19 @@ def digits_cnn(width: int = 32, num_classes: int = 10) -> DigitsCNN:
     return DigitsCNN(width=width, num_classes=num_classes)
 
 
-class ImageCNN(nn.Module):
+class ImageCNN(DigitsCNN):
     """A small CNN for RGB images of any size: a strided stem (``stem_stride``), then DigitsCNN's blocks.
 
     Shapes: x (B, C, H, W) -> stem (B, w, H/s, W/s) -> block1 .. block3 -> embed (B, 4w) -> fc. For tests and
     benchmarks on generated images (cheap enough to run on a CPU at 64 x 64)."""
 
     def __init__(self, width: int = 8, num_classes: int = 10, in_channels: int = 3, stem_stride: int = 4) -> None:
-        super().__init__()
+        super().__init__(width, num_classes, in_channels=width)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, stem_stride, stem_stride, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU(inplace=True))
-        self.block1 = _conv_bn(width, width)
-        self.block2 = nn.Sequential(_conv_bn(width, 2 * width), nn.MaxPool2d(2))
-        self.block3 = _conv_bn(2 * width, 4 * width)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.embed = nn.Flatten()
-        self.fc = nn.Linear(4 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.block3(self.block2(self.block1(self.stem(x))))
-        return self.fc(self.embed(self.pool(x)))
+        return super().forward(self.stem(x))
 
 
 def image_cnn(width: int = 8, num_classes: int = 10, in_channels: int = 3, stem_stride: int = 4) -> ImageCNN:

@@ -41,6 +41,18 @@ class _Stepper:
         return time.perf_counter() - t0
 
 
+
+def _start(steps: int, warmup: int, threads: int | None) -> tuple[int, int]:
+    """Check the step counts, set torch's threads (default: every CPU of this process); returns (threads, the
+    previous thread count to restore)."""
+    if steps <= 0 or warmup < 0:
+        raise ValueError(f"steps must be > 0 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    return int(threads), previous
+
 def run(
     nce_k: int = 4096,
     feat_dim: int = 128,
@@ -71,12 +83,7 @@ def run(
     Returns:
         ``{"crd_shared_step_s", "crd_per_anchor_step_s", "ratio" (per-anchor / shared), ...config}``.
     """
-    if steps <= 0 or warmup < 0:
-        raise ValueError(f"steps must be > 0 and warmup >= 0, got steps={steps}, warmup={warmup}")
-    if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
+    threads, previous = _start(steps, warmup, threads)
     try:
         g = torch.Generator().manual_seed(seed)
         f_s = torch.randn(batch, dim, generator=g).to(device)
@@ -152,12 +159,7 @@ def run_terms(batch: int = 64, classes: int = 100, steps: int = 30, warmup: int 
     Returns:
         ``{"terms": {name: {"step_s", "ratio_to_kd"}}, ...config}``.
     """
-    if steps <= 0 or warmup < 0:
-        raise ValueError(f"steps must be > 0 and warmup >= 0, got steps={steps}, warmup={warmup}")
-    if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
+    threads, previous = _start(steps, warmup, threads)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     try:
         torch.manual_seed(seed)
