@@ -50,11 +50,6 @@ def epoch_views(n: int, views: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 1]).integers(0, views, size=n)
 
 
-def student_inputs(split: DataSplit, data: DataSpec, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
-    """The augmented inputs of training rows ``rows`` under ``views``: exactly what the teacher saw for those views."""
-    return RowMapper(split, data).inputs(rows, views).x
-
-
 def read_group(split: DataSplit, data: DataSpec, batch_size: int) -> int:
     """Rows decoded (and held) at once: about ``data.read_buffer_mb`` of inputs, a whole number of batches."""
     row_bytes = 4 * int(np.prod(split.sample_shape))

@@ -31,9 +31,7 @@ class DecodeInputs:
         reader, split = ctx.split.reader, ctx.split
         raw = batch.pop(RAW)
         samples = np.asarray(batch["sample"])
-        uniq, inverse = np.unique(samples, return_inverse=True)  # views of one sample share its decode
-        first = np.searchsorted(samples, uniq) if np.all(np.diff(samples) >= 0) else \
-            np.array([np.flatnonzero(samples == u)[0] for u in uniq])
+        uniq, first, inverse = np.unique(samples, return_index=True, return_inverse=True)  # views share a decode
         stored = [raw[j] for j in first.tolist()] if raw.dtype == object else raw[first]
         x = reader.finish(reader.decode(stored, int(split.train_rows[uniq[0]]) if len(uniq) else 0))
         x = split.norm(x)[inverse]

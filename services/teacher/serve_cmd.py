@@ -23,7 +23,7 @@ def _proxy_answers(host: str, port: int, prefix: str, timeout_s: float = 5.0) ->
 def serve_forever(job: JobSpec, *, name: str | None = None, route_prefix: str = "/",
                   stop: threading.Event | None = None, on_ready: Callable[[dict[str, Any]], None] | None = None,
                   log: Callable[[str], None] | None = print, **build_kwargs: Any) -> dict[str, Any]:
-    """Start Ray (``services.jobs.cluster.ray_session``: the running one, else ``job.ray.address``, else a local
+    """Start Ray (``services.raysession.ray_session``: the running one, else ``job.ray.address``, else a local
     one), run the teacher app with HTTP on ``teacher.serve.http.host:port`` (127.0.0.1 unless configured), print
     the URL and block until Ctrl-C (or until ``stop`` is set), then delete the app and its registry and shut down
     what this call started (Serve and Ray, when it started them).

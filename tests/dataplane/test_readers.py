@@ -17,7 +17,7 @@ def _data(source, **kw) -> DataSpec:
     return DataSpec.model_validate({"source": source, **kw})
 
 
-def test_parquet_images_are_read_by_window_and_decoded(tmp_path):
+def test_parquet_images_are_read_by_window_and_raw(tmp_path):
     write_parquet_images(tmp_path / "pq", 700, size=16, shards=3, rows_per_group=64)
     spec = _data({"kind": "parquet", "path": str(tmp_path / "pq"), "image_column": "image", "label_column": "label",
                   "id_column": "id", "image_size": 16}).source
@@ -31,7 +31,7 @@ def test_parquet_images_are_read_by_window_and_decoded(tmp_path):
     rows = np.array([699, 5, 400, 6, 0])
     assert np.array_equal(r.take(rows), r.read(0, 700)[rows])
     # the reader keeps only its metadata and two decoded row groups
-    assert len(r._decoded) <= 8
+    assert len(r._raw) <= 8
 
 
 def test_parquet_refuses_missing_columns_and_undecodable_images(tmp_path):

@@ -52,7 +52,7 @@ class ParquetReader(RowReader):
         if spec.id_column and len(np.unique(self._ids)) != len(self._ids):
             raise DataError(f"data.source.id_column: {spec.id_column!r} holds duplicate ids; ids must be unique")
         self._open: OrderedDict[int, Any] = OrderedDict()  # file index -> ParquetFile (a few kept open)
-        self._decoded: OrderedDict[int, np.ndarray] = OrderedDict()  # row group -> decoded inputs
+        self._raw: OrderedDict[int, np.ndarray] = OrderedDict()  # row group -> decoded inputs
 
     def __len__(self) -> int:
         return int(self._rg_start[-1])
@@ -77,9 +77,9 @@ class ParquetReader(RowReader):
     def _group(self, g: int):
         """Row group ``g``'s stored inputs (image bytes, or a float32 array); the last few (at most eight, at most
         ``RAW_CACHE_BYTES``) stay in memory."""
-        if g in self._decoded:
-            self._decoded.move_to_end(g)
-            return self._decoded[g]
+        if g in self._raw:
+            self._raw.move_to_end(g)
+            return self._raw[g]
         fi = int(self._rg_file[g])
         table = self._file(fi).read_row_group(int(self._rg_index[g]), columns=self.input_columns)
         s = self.spec
@@ -92,10 +92,10 @@ class ParquetReader(RowReader):
         else:
             raw = np.stack([np.asarray(table.column(c).to_numpy(zero_copy_only=False), dtype=np.float32)
                             for c in s.feature_columns], axis=1)
-        self._decoded[g] = raw
+        self._raw[g] = raw
         size = lambda r: sum(map(len, r)) if isinstance(r, list) else r.nbytes  # noqa: E731
-        while len(self._decoded) > 1 and (len(self._decoded) > 8 or sum(map(size, self._decoded.values())) > RAW_CACHE_BYTES):
-            self._decoded.popitem(last=False)
+        while len(self._raw) > 1 and (len(self._raw) > 8 or sum(map(size, self._raw.values())) > RAW_CACHE_BYTES):
+            self._raw.popitem(last=False)
         return raw
 
     def fetch(self, start: int, stop: int):
@@ -133,4 +133,4 @@ class ParquetReader(RowReader):
         for f in self._open.values():
             f.close()
         self._open.clear()
-        self._decoded.clear()
+        self._raw.clear()
