@@ -13,6 +13,8 @@ BUCKET = "kd-cache-test"  # the bucket s3_endpoint creates
 # moto accepts any credentials; Ray workers and replicas of the session cluster get these too (S3 sources)
 FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 os.environ.setdefault("KD_TEST", "1")
+if str(ROOT) not in sys.path:  # specs in tests name factories as tests.<dir>.<module> (kd imports them by name)
+    sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="session")

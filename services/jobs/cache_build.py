@@ -63,8 +63,12 @@ def ensure_cache(job: JobSpec, split: DataSplit, log: Callable[[str], None] | No
     seconds = time.perf_counter() - t0
     shared = f"; {report.by_others} chunk(s) written by another build" if report.by_others else ""
     say(f"[{job.name}] cache complete: {manifest.n_rows} rows in {seconds:.1f} s{shared}")
-    return {"uri": spec.uri, "reused": False, "chunks_written": report.written, "teacher_forwards": forwards,
-            "seconds": seconds, "manifest": cache.manifest.to_dict()}
+    out = {"uri": spec.uri, "reused": False, "chunks_written": report.written, "teacher_forwards": forwards,
+           "seconds": seconds, "rows_per_s": report.rows_computed / seconds if seconds > 0 else None,
+           "manifest": cache.manifest.to_dict()}
+    if on_ray:  # who decoded the inputs (Ray Data tasks, or the replicas for in-memory data) and who wrote
+        out.update(inputs_decoded_by=dict(executor.rows_decoded), chunks_by_replica=dict(executor.per_replica))
+    return out
 
 
 def _ray_running() -> bool:

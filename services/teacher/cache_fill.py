@@ -1,67 +1,100 @@
-"""Filling a feature cache through the teacher deployment: the build executor whose replicas compute and
-write whole chunks (``kdcore.cache.build`` with ``ReplicaExecutor``)."""
+"""Filling a feature cache through the teacher deployment: the build executor (``kdcore.cache.build``) whose
+inputs come from Ray Data tasks and whose replicas only forward and write whole chunks.
+
+The executor leases chunks a window at a time (``Claims.take``: concurrent builders of one cache share the work
+window by window) and runs each window through ``services.data.cache_feed.feed_dataset``. Two windows are in
+flight, so the replicas never wait while the next window's pipeline starts; within a window ``tasks`` chunks are
+in flight (two per replica: one forwards while the other's write finishes).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
 
 from kdcore.cache.build import Claims
 from kdcore.cache.writer import CacheWriter
-from kdcore.errors import CacheError, KDError
+from kdcore.errors import CacheError
 from kdcore.spec.job import JobSpec
-from services.teacher.app import get_handle
+from services.data.cache_feed import feed_dataset, kd_error_in
+from services.data.pipeline import decode_tasks, uses_ray_data
 from services.teacher.lifecycle import teacher_app
+
+WINDOWS_IN_FLIGHT = 2
 
 
 class ReplicaExecutor:
-    """Brings up the teacher deployment and has its replicas write the chunks the build leases to it,
-    ``chunks_per_call`` per call, up to two calls per replica in flight; a call whose replica died is sent
-    again (the replica computes only its chunks still missing)."""
+    """Brings up the teacher deployment and has its replicas write the chunks the build leases to it. Inputs of
+    datasets read from files are decoded by Ray Data tasks; in-memory datasets are read by the replicas."""
 
-    def __init__(self, job: JobSpec, *, log: Callable[[str], None] | None = print, chunks_per_call: int = 2,
+    def __init__(self, job: JobSpec, *, log: Callable[[str], None] | None = print, window: int | None = None,
                  retries: int = 3) -> None:
-        self.job, self.log = job, log
-        self.chunks_per_call, self.retries = chunks_per_call, retries
-        self.per_replica: dict[str, int] = {}
+        self.job, self.log, self.window, self.retries = job, log, window, retries
+        self.per_replica: dict[str, int] = {}  # chunks each replica wrote
+        self.rows_decoded = {"ray_data": 0, "replicas": 0}  # whose process decoded the inputs of the rows written
+        self._count = threading.Lock()
+
+    def tasks(self) -> int:
+        """Chunks in flight in one window: two per replica, at least the job's decode tasks."""
+        serve = self.job.teacher.serve
+        replicas = serve.replicas if serve.autoscaling is None else serve.autoscaling.max_replicas
+        return max(2 * replicas, decode_tasks(self.job))
 
     def run(self, cache: CacheWriter, claims: Claims) -> None:
         job, spec = self.job, self.job.features.cache
         manifest = cache.manifest.to_dict()
-        serve = job.teacher.serve
-        replicas = serve.replicas if serve.autoscaling is None else serve.autoscaling.max_replicas
-        in_flight = max(2, 2 * replicas)
-        with teacher_app(job, log=self.log) as name:
-            handle = get_handle(name)
-            attempts: dict[tuple[int, ...], int] = {}
-            queue: list[list[int]] = []
-            running: list[tuple[list[int], Any]] = []
-            while True:
-                while len(queue) + len(running) < in_flight:
-                    group = claims.take(self.chunks_per_call, wait=not (queue or running))
-                    if not group:
-                        break
-                    queue.append(group)
-                if not queue and not running:
+        job_json = job.model_dump(mode="json") if uses_ray_data(job) else None
+        tasks = self.tasks()
+        window = self.window or 2 * tasks
+        failed = threading.Event()
+
+        def windows(app: str) -> None:
+            while not failed.is_set():
+                got = claims.take(window)
+                if not got:
                     return
-                while queue and len(running) < in_flight:
-                    g = queue.pop(0)
-                    writer_id = 1 + g[0]  # distinct per group: markers record who wrote a chunk
-                    running.append((g, handle.fill_cache_chunks.remote(spec.uri, manifest, g, writer_id,
-                                                                      spec.s3_endpoint)))
-                g, resp = running.pop(0)
-                try:
-                    r = resp.result()
-                except KDError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - a replica died mid-call: send the group again
-                    attempts[tuple(g)] = attempts.get(tuple(g), 0) + 1
-                    if attempts[tuple(g)] > self.retries:
-                        raise CacheError(f"cache chunks {g} failed {self.retries + 1} times; last error: "
-                                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-                    if self.log:
-                        self.log(f"[{job.name}] chunks {g} failed ({type(e).__name__}); retrying")
-                    queue.append(g)
-                    continue
-                self.per_replica[r["replica"]] = self.per_replica.get(r["replica"], 0) + r["chunks"]
-                for i in g:
-                    claims.done(i)
+                bounds = [(i, *cache.chunk_bounds(i)) for i in got]
+                ds = feed_dataset(job_json, app, spec.uri, manifest, spec.s3_endpoint, bounds, tasks, self.retries)
+                for row in ds.iter_rows():
+                    with self._count:
+                        self.per_replica[row["replica"]] = self.per_replica.get(row["replica"], 0) + 1
+                        self.rows_decoded["ray_data" if row["decoded_here"] else "replicas"] += int(row["rows"])
+                    claims.done(int(row["chunk"]))
+
+        with teacher_app(job, log=self.log) as app, _quiet_ray_data():
+            with ThreadPoolExecutor(WINDOWS_IN_FLIGHT, thread_name_prefix="kd-cache-window") as pool:
+                futures = [pool.submit(windows, app) for _ in range(WINDOWS_IN_FLIGHT)]
+                errors = []
+                for f in futures:
+                    try:
+                        f.result()
+                    except Exception as e:  # noqa: BLE001 - reported below, once both windows stopped
+                        failed.set()
+                        errors.append(e)
+        if errors:
+            kd = kd_error_in(errors[0])
+            if kd is not None:
+                raise kd from None
+            first = str(errors[0]).strip().splitlines()
+            raise CacheError(f"building the cache at {spec.uri} failed: {type(errors[0]).__name__}: "
+                             f"{first[-1] if first else ''}") from None
+
+
+@contextlib.contextmanager
+def _quiet_ray_data() -> Iterator[None]:
+    """No progress bars or per-execution log lines from the build's many short Ray Data executions."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    bars, logger = ctx.enable_progress_bars, logging.getLogger("ray.data")
+    level = logger.level
+    ctx.enable_progress_bars = False
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars = bars
+        logger.setLevel(level)

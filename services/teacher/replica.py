@@ -8,7 +8,8 @@
   of one response per ``{"step", "ids", "views"}`` in ``batches``, in order
 * ``features_for_rows(start, stop, views=None, with_aug=True)`` -> ``{layer, "logits", "aug"}`` fp32 numpy for
   rows of the feature-cache layout (a cache writer's ``compute_fn``)
-* ``fill_cache_chunks(uri, manifest, chunks, writer, s3_endpoint=None)``: compute and write whole cache chunks
+* ``write_chunk(uri, manifest, chunk, x=None, aug=None, writer=1, s3_endpoint=None)``: forward and write one
+  whole cache chunk (inputs decoded elsewhere, or read here)
 * ``set_projector(version, weights)``, ``refresh_projector(min_version=None)``, ``projector()``, ``info()``
 
 Inputs holding NaN / inf (also after the cast to float32) are refused with ``RequestError`` (status 400);
@@ -26,7 +27,7 @@ from ray import serve
 
 from kdcore.spec.job import JobSpec
 from services.teacher.batching import Batcher
-from services.teacher.core import TeacherCore
+from services.teacher.core import RequestError, TeacherCore
 from services.teacher.options import ServerOptions, batch_limits
 from services.teacher.projector_sync import ProjectorSync, version0
 from services.teacher.registry import registry_name
@@ -69,6 +70,7 @@ class TeacherReplica:
                                             version0(self.core, o.projection, o.projection_seed, o.pca_rows),
                                             poll_s=o.poll_s, dims=self.core.dims,
                                             projected_dim=self.core.projected_dim, replica=self.replica)
+        self._writers: dict[tuple, Any] = {}  # cache writers of write_chunk, by (uri, endpoint, manifest)
         self.rss_start = rss_bytes()
         log.info("teacher replica %s ready: taps %s, projector v%s", self.replica, self.core.taps,
                  self.projector_sync.version)
@@ -152,32 +154,38 @@ class TeacherReplica:
             out.update(self.core.aug_for(ids, vs))
         return out
 
-    async def fill_cache_chunks(self, uri: str, manifest: dict, chunks: list[int], writer: int,
-                                s3_endpoint: str | None = None) -> dict[str, Any]:
-        """Compute and write whole cache chunks (this replica owns them): each chunk's rows go through the
-        batch queue, and a chunk is written (then marked done) while the next one computes. A chunk whose
-        features are not finite stops the call before it is written."""
+    async def write_chunk(self, uri: str, manifest: dict, chunk: int, x=None, aug=None, writer: int = 1,
+                          s3_endpoint: str | None = None) -> dict[str, Any]:
+        """Forward one whole cache chunk and write it (arrays, then its done marker). ``x``: the chunk's inputs,
+        (rows, *input_shape) float32, as Ray Data tasks decoded and augmented them (``services.data.cache_feed``),
+        with ``aug`` their augmentation parameters; ``x=None``: this replica reads them from its own split (data
+        held in memory). The write runs in a thread, so other calls' forwards go on meanwhile. A chunk whose
+        features are not finite raises before anything of it is written."""
+        cache = self._cache_writer(uri, manifest, s3_endpoint)
+        start, stop = cache.chunk_bounds(int(chunk))
+        if x is None:
+            got = self.core.mapper.cache_rows(start, stop)
+            x, aug = got.x, got.params if manifest["aug_params"] > 0 else None
+        if len(x) != stop - start:
+            raise RequestError(f"chunk {chunk} has {stop - start} rows, got inputs for {len(x)}")
+        out = await self.batcher.compute(x=self.core.check_inputs(x), rows_are="cache rows", row0=start)
+        if aug is not None:
+            out["aug"] = np.asarray(aug, dtype=np.float32)
+        await asyncio.to_thread(cache.write_chunk, int(chunk), out, writer=int(writer))
+        return {"chunk": int(chunk), "rows": stop - start, "replica": self.replica}
+
+    def _cache_writer(self, uri: str, manifest: dict, s3_endpoint: str | None):
+        """The cache at ``uri`` opened for writing, once per (uri, manifest) in this replica."""
+        import json
+
         from kdcore.cache.manifest import Manifest
         from kdcore.cache.writer import CacheWriter
 
-        cache = CacheWriter.open(uri, Manifest.from_dict(manifest), s3_endpoint=s3_endpoint, writer=writer)
-        todo = cache.missing_chunks(chunks)
-        cache.remove_partials(todo)
-        pending = None
-        rows = 0
-        try:
-            for i in todo:
-                start, stop = cache.chunk_bounds(i)
-                out = await self.features_for_rows(start, stop, manifest["views"],
-                                                   with_aug=manifest["aug_params"] > 0)
-                if pending is not None:
-                    await pending
-                pending = asyncio.ensure_future(asyncio.to_thread(cache.write_chunk, i, out))
-                rows += stop - start
-        finally:
-            if pending is not None:
-                await pending
-        return {"chunks": len(todo), "rows": rows, "replica": self.replica}
+        key = (uri, s3_endpoint, json.dumps(manifest, sort_keys=True))
+        if key not in self._writers:
+            self._writers.clear()  # one build at a time uses a replica
+            self._writers[key] = CacheWriter.open(uri, Manifest.from_dict(manifest), s3_endpoint=s3_endpoint)
+        return self._writers[key]
 
     # -- status -----------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from kdcore.checkpoints import student_from_checkpoint
 from kdcore.loop import load_split, run_dir, teacher_shapes_of
 from kdcore.spec.job import JobSpec
 from kdcore.spec.paths import resolve_paths
+from services.data.pipeline import uses_ray_data
 from services.membank.actor import create_bank_actor
 from services.trainer.report import write_report
 from services.trainer.worker import train_loop_per_worker
@@ -53,12 +54,6 @@ def worker_error(e: BaseException) -> BaseException:
         return root
     lines = [line for line in str(root).splitlines() if line.strip()]
     return TrainingError(f"training failed on a worker: {type(root).__name__}: {lines[-1] if lines else ''}")
-
-
-def uses_ray_data(job: JobSpec) -> bool:
-    """Whether the job's workers read the cache through the Ray Data pipeline (``features.cache.loader``)."""
-    loader = job.features.cache.loader
-    return loader == "ray_data" or (loader == "auto" and job.data.source.kind in ("parquet", "imagefolder", "npy_dir"))
 
 
 def fit_interruptibly(trainer):

@@ -59,7 +59,32 @@ def test_parquet_on_disk_in_cache_mode_trains_through_ray_data(ray_clean, tmp_pa
     events = tmp_path / "events"
     r = run_job(job, log=None, extra_config={"events_dir": str(events)})
     assert r["cache"]["reused"] is False
+    # the build's inputs were decoded and augmented by Ray Data tasks; the replica only forwarded and wrote
+    n_rows = r["cache"]["manifest"]["n_rows"]
+    assert r["cache"]["inputs_decoded_by"] == {"ray_data": n_rows, "replicas": 0}
+    assert sum(r["cache"]["chunks_by_replica"].values()) == -(-n_rows // 128)
     _check(r, tmp_path, "pq-cache", events, "ShardFeatures")
+
+
+@pytest.mark.slow
+def test_parquet_on_s3_in_cache_mode_with_the_cache_on_s3(ray_clean, tmp_path, s3_endpoint, s3_bucket):
+    import fsspec
+
+    from kdcore.cache.verify import verify
+    from services.jobs.run import run_job
+
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_endpoint})
+    prefix = f"{s3_bucket}/pqc-{tmp_path.name[-12:]}"
+    write_parquet_images(prefix, 400, size=20, shards=2, rows_per_group=64, fs=fs)
+    cache = f"s3://{s3_bucket}/cache-{tmp_path.name[-12:]}"
+    job = _job(tmp_path, "pq-s3-cache", _parquet(f"s3://{prefix}", s3_endpoint=s3_endpoint), mode="cache",
+               cache={"uri": cache, "s3_endpoint": s3_endpoint, "chunk_rows": 128})
+    r = run_job(job, log=None)
+    n_rows = r["cache"]["manifest"]["n_rows"]
+    assert r["cache"]["inputs_decoded_by"] == {"ray_data": n_rows, "replicas": 0}
+    v = verify(cache, s3_endpoint=s3_endpoint)
+    assert v.ok and v.manifest_complete and v.checked == v.n_chunks
+    _check(r, tmp_path, "pq-s3-cache")
 
 
 @pytest.mark.slow

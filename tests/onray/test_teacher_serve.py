@@ -11,9 +11,7 @@ flight when its replica is killed; it has the digits CNN's parameters, so in-pro
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -26,13 +24,9 @@ from kdcore.loop import build_teacher, load_split
 from kdcore.feed import OnlineFeatures, epoch_rows
 from kdcore.spec import JobSpec
 from kdcore.zoo import DigitsCNN
+from tests.onray.serve_http import serve_on_free_port
 
 pytestmark = pytest.mark.ray
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # the teacher factory below is imported as tests.onray.test_teacher_serve
-    sys.path.insert(0, str(ROOT))
-
-from tests.onray.serve_http import serve_on_free_port  # noqa: E402
 
 APP = "kd-teacher-served"
 PREFIX = "/teacher-served"
