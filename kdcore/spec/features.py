@@ -45,8 +45,9 @@ class CacheSpec(Spec):
         default="auto", description="How Ray Train workers read the cache: ray_data (the job's Ray Data pipeline: "
         "chunks joined with their input rows, decoded by Ray tasks, split across workers), threads (each worker "
         "reads its chunks in background threads, inputs from its own reader), auto (ray_data for datasets read "
-        "from files: parquet, imagefolder, npy_dir; threads for in-memory ones, where a pipeline per epoch costs "
-        "more than it saves).")
+        "from files: parquet, imagefolder, npy_dir, hf_disk; threads for in-memory ones, where a pipeline per "
+        "epoch costs more than it saves). The cache build follows it: ray_data decodes its inputs in Ray Data "
+        "tasks, threads has the teacher replicas read them.")
     decode_workers: int | None = Field(default=None, ge=1, description="Ray jobs: concurrent Ray Data tasks that "
                                        "read cache chunks and decode and augment their input rows for the training "
                                        "workers (loader ray_data; default 2).")

@@ -15,6 +15,7 @@ outputs, a corrupted store) stops the build with its own message.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,7 @@ def feed_chunks(batch: dict[str, np.ndarray], job_json: dict[str, Any] | None, a
                     first = str(e).splitlines()[0] if str(e) else ""
                     raise RuntimeError(f"cache chunk {i} failed {retries + 1} times; last error: "
                                        f"{type(e).__name__}: {first}") from None
+                time.sleep(min(2.0 ** attempt, 10.0))  # until Serve's router has dropped the dead replica
         out["chunk"].append(i)
         out["rows"].append(stop - start)
         out["replica"].append(r["replica"])

@@ -16,7 +16,7 @@ from services.data.datasource import CacheRowsDatasource
 from services.data.transforms import decode_inputs
 
 
-FILE_SOURCES = ("parquet", "imagefolder", "npy_dir")  # read lazily from files; the others are held in memory
+FILE_SOURCES = ("parquet", "imagefolder", "npy_dir", "hf_disk")  # read lazily from files; the others are held in memory
 
 
 def uses_ray_data(job: JobSpec) -> bool:

@@ -30,3 +30,29 @@ def overflow_digits(width: int = 8, threshold: float = 17.0):
             return torch.where(hot[:, None], torch.full_like(out, float("inf")), out)
 
     return OverflowDigits(width=width)
+
+
+def slow_image_cnn(width: int = 8, num_classes: int = 10, delay_s: float = 0.15):
+    """kdcore.zoo.image_cnn whose forward sleeps ``delay_s`` inside a Serve replica (a teacher slow enough that a
+    build is still running when a test kills one of its replicas); at normal speed everywhere else."""
+    import time
+
+    import torch
+
+    from kdcore.zoo import image_cnn
+
+    model = image_cnn(width=width, stem_stride=2, num_classes=num_classes)
+    try:
+        from ray import serve
+
+        serve.get_replica_context()
+    except Exception:  # noqa: BLE001 - not in a replica
+        return model
+
+    class Slow(type(model)):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            time.sleep(delay_s)
+            return super().forward(x)
+
+    model.__class__ = Slow
+    return model
