@@ -90,6 +90,58 @@ class NpyDirData(Spec):
         return None
 
 
+class HFDiskData(Spec):
+    """A Hugging Face ``datasets`` directory written by ``save_to_disk`` (Arrow IPC stream shards), read
+    memory-mapped with pyarrow alone, record batch by record batch; ``datasets`` need not be installed.
+
+    The input is one of: an image column (HF ``Image``: {bytes, path}, or plain binary), a tensor column (HF
+    ``Array2D``/``Array3D`` or nested lists of numbers, optionally reshaped to ``shape``) or numeric feature
+    columns. A ``DatasetDict`` directory (``dataset_dict.json``) needs ``split``."""
+
+    kind: Literal["hf_disk"] = Field(description="Dataset kind: a Hugging Face dataset saved with save_to_disk, "
+                                     "memory-mapped.")
+    path: str = Field(description="Local directory written by Dataset.save_to_disk (state.json, dataset_info.json, "
+                      "data-*.arrow) or DatasetDict.save_to_disk (dataset_dict.json, one sub-directory per split).")
+    split: str | None = Field(default=None, description="The split to read when path is a DatasetDict, e.g. train "
+                              "or test (data.eval may name the test split of the same directory).")
+    image_column: str | None = Field(default=None, description="Column of images (HF Image, or encoded PNG/JPEG "
+                                     "bytes), decoded on read.")
+    tensor_column: str | None = Field(default=None, description="Column holding each row's input as an HF "
+                                      "Array2D/Array3D or (nested) lists of numbers; every row the same shape.")
+    feature_columns: list[str] | None = Field(default=None, description="Numeric columns forming the input vector, "
+                                              "in order.")
+    label_column: str = Field(default="label", description="Integer label column (HF ClassLabel or an integer "
+                              "Value).")
+    id_column: str | None = Field(default=None, description="Optional stable integer sample id column (default: row "
+                                  "numbers).")
+    shape: list[int] | None = Field(default=None, description="Reshape each row's values to this shape, e.g. [1, 28, "
+                                    "28] for a flat list column (default: the column's own nesting).")
+    scale: float = Field(default=1.0, gt=0.0, description="Tensor and feature values are multiplied by this on read "
+                         "(e.g. 1/255 for uint8 arrays); images are always read in [0, 1].")
+    image_size: int = Field(default=32, gt=0, description="Decoded images are resized to image_size x image_size.")
+    grayscale: bool = Field(default=False, description="Decode images to one channel.")
+    num_classes: int | None = Field(default=None, gt=1, description="Class count (default: the number of names of "
+                                    "the label column's ClassLabel in dataset_info.json, else the labels').")
+
+    def known_size(self) -> int | None:
+        return None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "HFDiskData":
+        problems = []
+        given = [n for n in ("image_column", "tensor_column", "feature_columns") if getattr(self, n)]
+        if len(given) != 1:
+            problems.append(Problem("image_column" if not given else given[1],
+                                    "name exactly one input: image_column, tensor_column or feature_columns",
+                                    given or None, "keep one of them"))
+        if "://" in self.path and not self.path.startswith("file://"):
+            problems.append(Problem("path", "must be a local (or mounted) directory", self.path,
+                                    "copy the dataset there, or write it as Parquet shards (ds.to_parquet) and use "
+                                    "kind: parquet, which reads s3://"))
+        raise_problems(problems)
+        return self
+
+
 class FactoryData(FactoryModel):
     """A dataset returned by a Python function: (x, y) arrays, or a map-style dataset read by row ranges.
 
@@ -103,7 +155,8 @@ class FactoryData(FactoryModel):
 
 
 DataSource = Annotated[
-    Union[SklearnDigits, NpzData, ParquetData, ImageFolderData, NpyDirData, FactoryData], Field(discriminator="kind")
+    Union[SklearnDigits, NpzData, ParquetData, ImageFolderData, NpyDirData, HFDiskData, FactoryData],
+    Field(discriminator="kind"),
 ]
 
 

@@ -48,6 +48,12 @@ def _npy_dir(spec) -> RowReader:
     return NpyDirReader(spec)
 
 
+def _hf_disk(spec) -> RowReader:
+    from kdcore.data.readers.hfdisk import HFDiskReader
+
+    return HFDiskReader(spec)
+
+
 def _factory(spec) -> RowReader:
     from kdcore.data.readers.factory import open_factory
 
@@ -57,7 +63,7 @@ def _factory(spec) -> RowReader:
 # The one place a data source kind is registered (its spec model lives in kdcore.spec.data).
 READERS: dict[str, Callable[..., RowReader]] = {
     "sklearn_digits": _digits, "npz": _npz, "parquet": _parquet, "imagefolder": _imagefolder,
-    "npy_dir": _npy_dir, "factory": _factory,
+    "npy_dir": _npy_dir, "hf_disk": _hf_disk, "factory": _factory,
 }
 
 
