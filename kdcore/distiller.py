@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from kdcore.losses import registry
-from kdcore.losses.registry import BuildContext, TermInputs, pair_names, term_name, warmup_factor
+from kdcore.losses.registry import BuildContext, TermInputs, logit_teacher, pair_names, term_name, warmup_factor
 from kdcore.projectors import build_projector
 from kdcore.spec.losses import LossSpec
 from kdcore.spec.projector import PairSpec
 from kdcore.taps import FeatureTaps
-from kdcore.teacher import LOGITS
+from kdcore.spec.roles import MEAN_TEACHER
+from kdcore.teacher import LOGITS, feature_key, mean_logits
 
 __all__ = ["Distiller", "probe_shapes", "term_name"]
 
@@ -46,6 +47,10 @@ class Distiller(nn.Module):
         n_data: training rows (CRD's memory bank size).
         bank_factory: optional ``(n, dim, momentum, dtype) -> bank`` for CRD (e.g. a Ray actor proxy).
         seed: seed of CRD's bank initialisation.
+        teachers: a multi-teacher job's teachers, ``{name: weight}`` in order (``JobSpec.teacher_weights()``);
+            None for a single teacher. With several, teacher features and shapes are keyed ``"<teacher>/<layer>"``
+            and ``"<teacher>/logits"``: a pair reads its ``teacher_model`` (default the first teacher), a logit
+            term the logits of its ``teacher`` or, for ``mean`` (the default), the weight-normalised average.
 
     Training-only modules: ``heads_s`` / ``heads_t`` (projection heads, by pair), ``crd`` (memory-bank
     terms, by pair) and ``aux`` (every other term's own module, e.g. MGD's generator, by term).
@@ -55,9 +60,11 @@ class Distiller(nn.Module):
 
     def __init__(self, student: nn.Module, pairs: list[PairSpec], losses: list[LossSpec],
                  student_shapes: dict[str, tuple[int, ...]], teacher_shapes: dict[str, tuple[int, ...]],
-                 n_data: int, bank_factory: Callable | None = None, seed: int = 0) -> None:
+                 n_data: int, bank_factory: Callable | None = None, seed: int = 0,
+                 teachers: dict[str, float] | None = None) -> None:
         super().__init__()
         self.student = student
+        self.teachers = None if teachers is None else {str(k): float(v) for k, v in teachers.items()}
         self.pairs = {p.name: p for p in pairs}
         self.losses = list(losses)
         self.entries = [registry.get(loss.kind) for loss in self.losses]
@@ -70,10 +77,12 @@ class Distiller(nn.Module):
         self.aux = nn.ModuleDict()
         for loss, entry in zip(self.losses, self.entries):
             names = pair_names(loss)
+            if entry.needs == "logits" and self.teachers is not None:
+                self._logits_shape(loss, teacher_shapes)  # the named teacher's logits exist; averaged ones agree
             s_shapes, t_shapes = [], []
             for name in names:
                 pair = self.pairs[name]
-                s_shape, t_shape = tuple(student_shapes[pair.student]), tuple(teacher_shapes[pair.teacher])
+                s_shape, t_shape = tuple(student_shapes[pair.student]), tuple(teacher_shapes[self._pair_key(pair)])
                 where = f"loss {term_name(loss)}, pair {name!r}"
                 registry.check_ranks(entry, "student", s_shape, where)
                 registry.check_ranks(entry, "teacher", t_shape, where)
@@ -88,12 +97,46 @@ class Distiller(nn.Module):
             elif names:
                 s_arg, t_arg = s_shapes[0], t_shapes[0]
             else:
-                s_arg, t_arg = tuple(student_shapes[LOGITS]), tuple(teacher_shapes[LOGITS])
+                s_arg, t_arg = tuple(student_shapes[LOGITS]), self._logits_shape(loss, teacher_shapes)
             module = entry.make_module(BuildContext(loss, s_arg, t_arg, n_data, bank_factory, seed))
             if entry.needs == "bank":
                 self.crd[names[0]] = module
             else:
                 self.aux[_module_key(loss)] = module
+
+    # -- which teacher feeds what (the one place for every pair and every logit term) -----------------
+    def _pair_key(self, pair: PairSpec) -> str:
+        """The key of a pair's teacher layer in the teacher features."""
+        if self.teachers is None:
+            return pair.teacher
+        return feature_key(pair.teacher_model or next(iter(self.teachers)), pair.teacher)
+
+    def _logit_source(self, loss: LossSpec) -> str | None:
+        """A logit term's teacher: None (single teacher), a teacher's name, or ``mean``."""
+        if self.teachers is None:
+            return None
+        return logit_teacher(loss) or MEAN_TEACHER
+
+    def _logits_shape(self, loss: LossSpec, teacher_shapes: dict) -> tuple[int, ...]:
+        source = self._logit_source(loss)
+        if source is None:
+            return tuple(teacher_shapes[LOGITS])
+        if source != MEAN_TEACHER:
+            return tuple(teacher_shapes[feature_key(source, LOGITS)])
+        shapes = {n: tuple(teacher_shapes[feature_key(n, LOGITS)]) for n, w in self.teachers.items() if w > 0}
+        if len(set(shapes.values())) > 1:
+            raise ValueError(f"loss {term_name(loss)}: averaged logits need one class count, but the teachers' "
+                             f"logits are {shapes}; name one teacher (teacher: NAME)")
+        return next(iter(shapes.values()))
+
+    def _teacher_logits(self, loss: LossSpec, teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What every logit term compares with: the (single, named or averaged) teacher logits (B, C)."""
+        source = self._logit_source(loss)
+        if source is None:
+            return teacher[LOGITS]
+        if source != MEAN_TEACHER:
+            return teacher[feature_key(source, LOGITS)]
+        return mean_logits(teacher, self.teachers)
 
     def _build_heads(self, pair: PairSpec, s_shape: tuple[int, ...], t_shape: tuple[int, ...]) -> None:
         spec = pair.projector
@@ -128,7 +171,8 @@ class Distiller(nn.Module):
         """One batch.
 
         Args:
-            x: (B, ...) student inputs. teacher: ``{layer: (B, ...), "logits": (B, C)}``.
+            x: (B, ...) student inputs. teacher: ``{layer: (B, ...), "logits": (B, C)}`` (several teachers:
+                ``{"<teacher>/<layer>": ..., "<teacher>/logits": ...}``).
             y: (B,) int64 labels; labeled: (B,) bool, rows whose label the task loss may use.
             idx: (B,) int64 training-row indices (CRD's bank rows).
             crd_inputs: per CRD pair, bank rows fetched ahead by a remote bank: ``{"negatives": (neg_s, neg_t),
@@ -170,10 +214,11 @@ class Distiller(nn.Module):
         names = pair_names(loss)
         if entry.needs in ("labels", "logits"):
             inputs.student = logits
-            inputs.teacher = teacher[LOGITS].to(logits.dtype) if entry.needs == "logits" else None
+            inputs.teacher = self._teacher_logits(loss, teacher).to(logits.dtype) if entry.needs == "logits" else None
             inputs.module = self.aux[_module_key(loss)] if entry.build is not None else None
             return entry.run(inputs)
-        sides = [(feats[self.pairs[n].student], teacher[self.pairs[n].teacher].to(logits.dtype)) for n in names]
+        sides = [(feats[self.pairs[n].student], teacher[self._pair_key(self.pairs[n])].to(logits.dtype))
+                 for n in names]
         if entry.needs == "pairs":
             inputs.student, inputs.teacher = [s for s, _ in sides], [t for _, t in sides]
         else:

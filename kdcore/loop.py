@@ -29,7 +29,7 @@ from kdcore.progress import Progress
 from kdcore.feed import Batch, OnlineFeatures
 from kdcore.spec.job import JobSpec
 from kdcore.spec.train import TrainSpec
-from kdcore.teacher import TeacherRunner
+from kdcore.teacher import TeacherRunner, TeacherSet
 
 
 def seed_everything(seed: int) -> None:
@@ -84,8 +84,13 @@ def load_split(job: JobSpec) -> DataSplit:
     return make_split(job.data)
 
 
-def build_teacher(job: JobSpec, device: str | None = None) -> TeacherRunner:
-    """The job's teacher, ready to run. Without a checkpoint its weights are seeded from ``train.seed``."""
+def build_teacher(job: JobSpec, device: str | None = None) -> TeacherRunner | TeacherSet:
+    """The job's teacher, ready to run. Without a checkpoint its weights are seeded from ``train.seed``.
+
+    A multi-teacher job gets a :class:`TeacherSet` of every teacher, each built as its single-teacher view
+    (``job.for_teacher(name)``) is, so online features equal the cached ones."""
+    if job.multi_teacher:
+        return TeacherSet({name: build_teacher(job.for_teacher(name), device) for name in job.teacher_names()})
     if not job.teacher.checkpoint:
         torch.manual_seed(job.train.seed)
     model = model_from_spec(job.teacher.model, job.teacher.checkpoint)
@@ -100,7 +105,8 @@ def build_session(job: JobSpec, split: DataSplit, teacher_shapes: dict[str, tupl
     sample = torch.from_numpy(split.sample(2))
     student_shapes = probe_shapes(student, job.student.tapped_layers(), sample)
     distiller = Distiller(student, job.student.pairs, job.losses, student_shapes, teacher_shapes,
-                          n_data=split.n_train, bank_factory=bank_factory, seed=job.train.seed)
+                          n_data=split.n_train, bank_factory=bank_factory, seed=job.train.seed,
+                          teachers=job.teacher_weights() if job.multi_teacher else None)
     optimizer = make_optimizer(job.train, distiller.parameters())
     return Session(job, split, student, distiller, optimizer, make_scheduler(job.train, optimizer), teacher_shapes)
 
@@ -251,7 +257,8 @@ def train_local(job: JobSpec, out_dir: str | Path | None = None, resume: bool = 
     if source is None:
         teacher = build_teacher(job, device="cpu")
         source = OnlineFeatures(split, job.data, teacher, job.data.batch_size, job.train.seed)
-    shapes = teacher_shapes_of(job, split, teacher)
+    known = getattr(source, "teacher_shapes", None)  # a cache knows them from its manifest(s): no teacher built
+    shapes = known() if teacher is None and known is not None else teacher_shapes_of(job, split, teacher)
     session = build_session(job, split, shapes)
     ckpt = out / "checkpoints" / "state.pt"
     if resume and ckpt.exists():
@@ -279,8 +286,10 @@ def train_local(job: JobSpec, out_dir: str | Path | None = None, resume: bool = 
             "teacher_forwards": teacher.forwards if teacher else None}
 
 
-def teacher_shapes_of(job: JobSpec, split: DataSplit, teacher: TeacherRunner | None) -> dict[str, tuple[int, ...]]:
-    """Per-sample shapes of the teacher's tapped layers and logits."""
+def teacher_shapes_of(job: JobSpec, split: DataSplit,
+                      teacher: TeacherRunner | TeacherSet | None) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes of the teacher's tapped layers and logits (several teachers: keyed
+    ``"<teacher>/<layer>"``, ``"<teacher>/logits"``)."""
     if teacher is None:
         teacher = build_teacher(job, device="cpu")
     return teacher.shapes(torch.from_numpy(split.sample(2)))

@@ -19,7 +19,11 @@ from kdcore.spec.job import JobSpec
 
 def train_teacher_local(job: JobSpec, out_path: str | Path | None = None, epochs: int | None = None,
                         progress: bool = True, log: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Supervised training of the job's teacher on every labeled training row; saves safetensors weights."""
+    """Supervised training of the job's teacher on every labeled training row; saves safetensors weights.
+    A multi-teacher job's teachers are trained one at a time on their views (``job.for_teacher(name)``)."""
+    if job.multi_teacher:
+        raise ValueError("train_teacher_local trains one teacher: pass job.for_teacher(name) (kd train-teacher "
+                         "does, for each teacher)")
     split = load_split(job)
     seed_everything(job.train.seed)
     model = build_model(job.teacher.model)

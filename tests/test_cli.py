@@ -71,7 +71,8 @@ def test_validate_reports_problems_of_every_file(tmp_path, digits_job, capsys):
 def test_schema_prints_json_schema(capsys):
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert set(schema["required"]) >= {"name", "teacher", "student", "losses", "data"}
+    assert set(schema["required"]) >= {"name", "student", "losses", "data"}
+    assert schema["oneOf"] == [{"required": ["teacher"]}, {"required": ["teachers"]}]  # one teacher, or several
     assert main(["schema", "--kind", "sweep"]) == 0
     assert "variants" in json.loads(capsys.readouterr().out)["properties"]
 

@@ -2,7 +2,9 @@
 
 It is stored as the ``kd_cache`` attribute of the cache's zarr group. Its *identity* fields (teacher,
 dataset, samples, layers, logits, views, augmentation, dtype) decide whether a cache can serve a job;
-its *layout* fields (chunk_rows, compression) only matter when resuming a build.
+its *layout* fields (chunk_rows, compression) only matter when resuming a build. ``teacher_name`` (which
+teacher of a multi-teacher job the cache is for; None for a single teacher's, and in manifests written before
+it existed) is informative: the teacher fingerprint is what decides.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class Manifest:
     created_at: str = field(default_factory=_now)
     complete: bool = False
     completed_at: str | None = None
+    teacher_name: str | None = None  # teachers[].name of a multi-teacher job; informative, not an identity field
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", {str(k): [int(d) for d in v] for k, v in dict(self.layers).items()})
@@ -182,10 +185,12 @@ def make_manifest(
     aug_seed: int = 0,
     aug_params: int = 0,
     spec: "CacheSpec | None" = None,
+    teacher_name: str | None = None,
     **storage: Any,
 ) -> Manifest:
     """The manifest a job expects. Storage options (dtype, chunk_rows, compression, logits_topk) come from
-    ``spec`` (a ``CacheSpec``) and may be overridden by keyword."""
+    ``spec`` (a ``CacheSpec``) and may be overridden by keyword; ``teacher_name``: the teacher's name in a
+    multi-teacher job."""
     opts: dict[str, Any] = {}
     if spec is not None:
         opts.update(dtype=spec.dtype, chunk_rows=spec.chunk_rows, compression=spec.compression,
@@ -194,7 +199,7 @@ def make_manifest(
     return Manifest(
         teacher=teacher, dataset=dataset, n_samples=int(n_samples), layers={k: list(v) for k, v in layers.items()},
         num_classes=num_classes, views=int(views), augmentation=dict(augmentation or {}), aug_seed=int(aug_seed),
-        aug_params=int(aug_params), **opts,
+        aug_params=int(aug_params), teacher_name=teacher_name, **opts,
     )
 
 

@@ -14,7 +14,9 @@ imported on first use.
 
 * ``labels``:   the student's logits and the batch's labels (the task loss);
 * ``logits``:   student and teacher logits (B, C); the labels are passed too, for losses that use
-  the target class (DKD, NKD);
+  the target class (DKD, NKD). A logit term's spec has a ``teacher`` field (``kdcore.spec.losses._teacher``):
+  in a multi-teacher job the teacher whose logits it gets, or ``mean`` (their weighted average); the
+  distiller resolves it for every logit term in one place (``Distiller._teacher_logits``);
 * ``pair``:     one layer pair (``pair:`` in the spec); with ``headed=True`` both sides go through the
   pair's projection heads first, otherwise the raw features (and the term's own ``build`` module);
 * ``pair_raw``: one layer pair, the teacher's raw tapped features (never a fixed projection of them:
@@ -215,10 +217,19 @@ def pair_names(loss: Any) -> list[str]:
     return [pair] if pair else []
 
 
+def logit_teacher(loss: Any) -> str | None:
+    """The ``teacher`` a logit term names (a teacher's name or ``mean``); None when unset or not a logit term."""
+    return getattr(loss, "teacher", None)
+
+
 def term_name(loss: Any) -> str:
-    """``kind`` or ``kind/pair`` (``kind/a+b`` for several pairs): the name of the term in the loss parts."""
+    """``kind`` or ``kind/pair`` (``kind/a+b`` for several pairs), ``kind@teacher`` for a logit term that names
+    its teacher: the name of the term in the loss parts."""
     names = pair_names(loss)
-    return f"{loss.kind}/{'+'.join(names)}" if names else loss.kind
+    if names:
+        return f"{loss.kind}/{'+'.join(names)}"
+    teacher = logit_teacher(loss)
+    return f"{loss.kind}@{teacher}" if teacher else loss.kind
 
 
 def warmup_factor(epoch: int, warmup_epochs: int) -> float:

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from kdcore.errors import Problem
 from kdcore.spec.base import Spec, raise_problems
@@ -16,7 +16,7 @@ from kdcore.spec.features import FeaturesSpec
 from kdcore.losses.registry import get as loss_entry
 from kdcore.losses.registry import pair_names
 from kdcore.spec.losses import LossSpec
-from kdcore.spec.roles import StudentSpec, TeacherSpec
+from kdcore.spec.roles import MEAN_TEACHER, SINGLE_TEACHER, NamedTeacherSpec, StudentSpec, TeacherSpec
 from kdcore.spec.train import TrainSpec
 
 JOB_NAME = r"^[a-z0-9]([a-z0-9\-_]{0,61}[a-z0-9])?$"
@@ -41,9 +41,19 @@ class OutputSpec(Spec):
 class JobSpec(Spec):
     """A distillation job: the teacher, the student and how the one teaches the other."""
 
+    # JSON Schema: exactly one of teacher (one model) and teachers (several); the validator says so too
+    model_config = ConfigDict(**Spec.model_config,
+                              json_schema_extra={"oneOf": [{"required": ["teacher"]}, {"required": ["teachers"]}]})
+
     version: Literal[1] = Field(default=1, description="Spec format version.")
     name: str = Field(description="Job name: lowercase letters, digits, '-' or '_', at most 63 (names the run).")
-    teacher: TeacherSpec = Field(description="The teacher model, its tapped layers and its deployment.")
+    teacher: TeacherSpec | None = Field(
+        default=None, description="The teacher model, its tapped layers and its deployment (or `teachers:` for "
+        "several).")
+    teachers: list[NamedTeacherSpec] | None = Field(
+        default=None, min_length=1, description="Several named teachers instead of `teacher:`, each with its own taps, "
+        "logit weight and deployment or cache; pairs and logit losses name the teacher they use (see "
+        "docs/multi-teacher.md).")
     student: StudentSpec = Field(description="The student model and its layer pairs.")
     losses: list[LossSpec] = Field(min_length=1, description="Loss terms; the total is the weighted sum.")
     data: DataSpec = Field(description="The dataset.")
@@ -51,6 +61,9 @@ class JobSpec(Spec):
     train: TrainSpec = Field(default_factory=TrainSpec, description="Student training: optimiser, schedule, workers, checkpoints.")
     ray: RaySpec = Field(default_factory=RaySpec, description="The Ray cluster.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Outputs of the run.")
+
+    # set on the single-teacher views of a multi-teacher job (``for_teacher``): the teacher's name
+    _view_of: str | None = PrivateAttr(default=None)
 
     @field_validator("name")
     @classmethod
@@ -99,6 +112,100 @@ class JobSpec(Spec):
     def loss_kinds(self) -> list[str]:
         return [loss.kind for loss in self.losses]
 
+    # -- teachers: every caller goes through these -------------------------------------------
+    @property
+    def multi_teacher(self) -> bool:
+        """Whether the job lists its teachers under ``teachers:`` (features keyed ``<teacher>/<layer>``)."""
+        return self.teachers is not None
+
+    def teacher_list(self) -> list[tuple[str, TeacherSpec]]:
+        """``(name, spec)`` of every teacher, in order; a single teacher is called ``"teacher"``."""
+        if self.teachers is not None:
+            return [(t.name, t) for t in self.teachers]
+        return [(SINGLE_TEACHER, self.teacher)] if self.teacher is not None else []
+
+    def teacher_names(self) -> list[str]:
+        return [name for name, _ in self.teacher_list()]
+
+    def teacher_spec(self, name: str) -> TeacherSpec:
+        for n, t in self.teacher_list():
+            if n == name:
+                return t
+        raise KeyError(f"no teacher named {name!r}; the job's teachers are {self.teacher_names()}")
+
+    def teacher_weights(self) -> dict[str, float]:
+        """Each teacher's weight in the averaged logits (``teacher: mean``), by name (1.0 for a single teacher)."""
+        return {name: float(getattr(t, "weight", 1.0)) for name, t in self.teacher_list()}
+
+    def teacher_cache_uri(self, name: str) -> str | None:
+        """Where teacher ``name``'s cache lives: its ``cache_uri``, else ``<features.cache.uri>/<name>``
+        (a single teacher: ``features.cache.uri``)."""
+        t = self.teacher_spec(name)
+        if not self.multi_teacher:
+            return self.features.cache.uri
+        if t.cache_uri:
+            return t.cache_uri
+        root = self.features.cache.uri
+        return f"{root.rstrip('/')}/{name}" if root else None
+
+    def pair_teacher(self, pair) -> str:
+        """The name of the teacher a pair's ``teacher`` layer belongs to (``teacher_model``, default the first)."""
+        if not self.multi_teacher:
+            return SINGLE_TEACHER
+        return pair.teacher_model or self.teachers[0].name
+
+    def loss_teacher(self, loss) -> str | None:
+        """A logit term's teacher: a teacher's name or ``"mean"`` (multi-teacher default); None for other terms."""
+        if loss_entry(loss.kind).needs != "logits":
+            return None
+        if not self.multi_teacher:
+            return SINGLE_TEACHER
+        return getattr(loss, "teacher", None) or MEAN_TEACHER
+
+    @property
+    def view_of(self) -> str | None:
+        """The teacher's name when this job is the single-teacher view of a multi-teacher job (``for_teacher``)."""
+        return self._view_of
+
+    def for_teacher(self, name: str) -> "JobSpec":
+        """A single-teacher job for teacher ``name``: what its cache build, its deployment and its checks need.
+
+        ``teacher`` is that teacher; ``features.cache.uri`` its cache (:meth:`teacher_cache_uri`); the pairs are
+        those on its layers and the losses those it feeds (logit terms on it or on the mean, without
+        ``teacher``), so the view is a valid job on its own. A single-teacher job is its own view."""
+        if not self.multi_teacher:
+            if name != SINGLE_TEACHER:
+                raise KeyError(f"no teacher named {name!r}; a single-teacher job's teacher is {SINGLE_TEACHER!r}")
+            return self
+        t = self.teacher_spec(name)
+        pairs = [p.model_copy(update={"teacher_model": None}) for p in self.student.pairs
+                 if self.pair_teacher(p) == name]
+        kept = {p.name for p in pairs}
+        losses, seen = [], set()
+        for loss in self.losses:
+            refs = pair_names(loss)
+            needs = loss_entry(loss.kind).needs
+            if refs and not all(r in kept for r in refs):
+                continue
+            if needs == "logits":
+                if self.loss_teacher(loss) not in (name, MEAN_TEACHER):
+                    continue
+                loss = loss.model_copy(update={"teacher": None})
+            key = (loss.kind, tuple(refs))
+            if key not in seen:
+                seen.add(key)
+                losses.append(loss)
+        if not any(loss.weight > 0 for loss in losses):  # it feeds nothing weighted: a job needs one term
+            losses = [{"kind": "ce"}]
+        data = self.model_dump(mode="json", exclude={"teacher", "teachers", "losses"})
+        data["teacher"] = t.single().model_dump(mode="json")
+        data["student"]["pairs"] = [p.model_dump(mode="json") for p in pairs]
+        data["losses"] = [x if isinstance(x, dict) else x.model_dump(mode="json") for x in losses]
+        data["features"]["cache"]["uri"] = self.teacher_cache_uri(name)
+        view = JobSpec.model_validate(data)
+        view._view_of = name
+        return view
+
 
 def _closest(word: str, options: list[str]) -> str:
     close = difflib.get_close_matches(word, options, n=1)
@@ -112,26 +219,58 @@ def cross_field_problems(job: JobSpec) -> list[Problem]:
     out: list[Problem] = []
     pairs = job.student.pairs
     names = [p.name for p in pairs]
-    taps = list(job.teacher.taps)
+    teachers_ok = _teacher_problems(job, out)
+    t_names = job.teacher_names() if teachers_ok else []
+    where = {n: (f"teachers.{k}" if job.multi_teacher else "teacher") for k, n in enumerate(t_names)}
 
     for i, p in enumerate(pairs):
         if names.count(p.name) > 1 and names.index(p.name) != i:
             out.append(Problem(f"student.pairs.{i}.name", "duplicate pair name", p.name, "give every pair its own name"))
+        if not teachers_ok:
+            continue
+        if p.teacher_model is not None and p.teacher_model not in t_names:
+            if job.multi_teacher:
+                out.append(Problem(f"student.pairs.{i}.teacher_model", "no teacher has this name", p.teacher_model,
+                                   _closest(p.teacher_model, t_names)))
+            else:
+                out.append(Problem(f"student.pairs.{i}.teacher_model", "a single-teacher job has one teacher, "
+                                   f"called {SINGLE_TEACHER!r}", p.teacher_model,
+                                   "remove teacher_model, or list several teachers under teachers:"))
+            continue
+        owner = job.pair_teacher(p)
+        taps = list(job.teacher_spec(owner).taps)
         if p.teacher not in taps:
-            hint = f"add {p.teacher!r} to teacher.taps"
+            hint = f"add {p.teacher!r} to {where[owner]}.taps"
             close = difflib.get_close_matches(p.teacher, taps, n=1)
             if close:
                 hint += f", or did you mean {close[0]!r}?"
-            out.append(Problem(f"student.pairs.{i}.teacher", "teacher layer is not tapped", p.teacher, hint))
+            what = f"teacher layer is not tapped by teacher {owner!r}" if job.multi_teacher else \
+                "teacher layer is not tapped"
+            out.append(Problem(f"student.pairs.{i}.teacher", what, p.teacher, hint))
 
     if all(loss.weight == 0 for loss in job.losses):
         out.append(Problem("losses", "every loss weight is 0, nothing would be trained", None, "give one term weight > 0"))
 
-    seen: dict[tuple[str, tuple[str, ...]], int] = {}
+    seen: dict[tuple[str, tuple[str, ...], str | None], int] = {}
     projected = job.features.mode == "stream" and job.features.stream.payload == "projected"
+    weights = job.teacher_weights() if teachers_ok else {}
     for i, loss in enumerate(job.losses):
         refs = pair_names(loss)
-        key = (loss.kind, tuple(refs))
+        named = getattr(loss, "teacher", None)
+        if teachers_ok and named is not None:
+            if not job.multi_teacher and named != SINGLE_TEACHER:
+                out.append(Problem(f"losses.{i}.teacher", f"a single-teacher job has one teacher, called "
+                                   f"{SINGLE_TEACHER!r}", named, "remove teacher, or list several teachers under "
+                                   "teachers:"))
+            elif job.multi_teacher and named != MEAN_TEACHER and named not in t_names:
+                out.append(Problem(f"losses.{i}.teacher", "no teacher has this name", named,
+                                   _closest(named, t_names + [MEAN_TEACHER])))
+        resolved = job.loss_teacher(loss) if teachers_ok else named
+        if job.multi_teacher and resolved == MEAN_TEACHER and weights and not any(weights.values()):
+            out.append(Problem(f"losses.{i}.teacher", "the mean of the teachers' logits needs a teacher with "
+                               "weight > 0", named or MEAN_TEACHER,
+                               "give a teacher weight > 0 (teachers.N.weight), or name one teacher"))
+        key = (loss.kind, tuple(refs), resolved)
         if key in seen:
             out.append(Problem(f"losses.{i}", f"duplicate {loss.kind} term (same as losses.{seen[key]})", None,
                                "merge them into one term with the summed weight"))
@@ -163,9 +302,11 @@ def cross_field_problems(job: JobSpec) -> list[Problem]:
                 out.append(Problem("data.labeled_rows", f"row indices beyond the {n_train} training rows", bad[:5],
                                    f"use indices in [0, {n_train})"))
 
-    if job.features.mode == "cache" and not job.features.cache.uri:
+    if job.features.mode == "cache" and not job.multi_teacher and not job.features.cache.uri:
         out.append(Problem("features.cache.uri", "cache mode needs a cache location", None,
                            "set features.cache.uri to a directory, s3://bucket/prefix or memory://name"))
+    if job.multi_teacher and teachers_ok:
+        out += _multi_teacher_feature_problems(job)
     if job.data.views > 1 and job.data.augment.kind == "none":
         out.append(Problem("data.views", "several views of an un-augmented sample are identical", job.data.views,
                            "set data.augment.kind, or views: 1"))
@@ -175,4 +316,59 @@ def cross_field_problems(job: JobSpec) -> list[Problem]:
                 out.append(Problem(f"student.pairs.{i}.projector.out_dim",
                                    "must equal features.stream.projected_dim for projected teacher features",
                                    p.projector.out_dim, f"set it to {job.features.stream.projected_dim} or remove it"))
+    return out
+
+
+def _teacher_problems(job: JobSpec, out: list[Problem]) -> bool:
+    """``teacher`` xor ``teachers``, unique names; False when the teachers cannot be told apart (other checks
+    of pairs and losses against the teachers are then skipped)."""
+    if job.teacher is not None and job.teachers is not None:
+        out.append(Problem("teachers", "set either teacher (one model) or teachers (several named models), not both",
+                           None, "move the teacher into teachers: with a name, or remove teachers"))
+        return False
+    if job.teacher is None and job.teachers is None:
+        out.append(Problem("teacher", "required field is missing: a job needs teacher (one model) or teachers "
+                           "(several named models)", None, "add teacher: {model: ..., taps: [...]}"))
+        return False
+    if job.teachers is None:
+        return True
+    ok = True
+    names = [t.name for t in job.teachers]
+    for k, name in enumerate(names):
+        if names.index(name) != k:
+            out.append(Problem(f"teachers.{k}.name", "duplicate teacher name", name, "give every teacher its own name"))
+            ok = False
+        if name == MEAN_TEACHER:
+            out.append(Problem(f"teachers.{k}.name", f"{MEAN_TEACHER!r} is reserved: a logit loss's teacher: mean is "
+                               "the average of every teacher's logits", name, "call the teacher something else"))
+            ok = False
+    return ok
+
+
+def _multi_teacher_feature_problems(job: JobSpec) -> list[Problem]:
+    out: list[Problem] = []
+    mode = job.features.mode
+    if mode == "stream":
+        out.append(Problem("features.mode", "stream mode serves one teacher; use features.mode: cache or online",
+                           mode, "set features.mode: cache (one cache per teacher) or online"))
+    if mode != "cache":
+        return out
+    uris: dict[str, int] = {}
+    for k, t in enumerate(job.teachers or []):
+        uri = job.teacher_cache_uri(t.name)
+        if uri is None:
+            out.append(Problem("features.cache.uri", f"cache mode needs a cache location for teacher {t.name!r}",
+                               None, "set features.cache.uri (each teacher's cache is <uri>/<name>), or "
+                               f"teachers.{k}.cache_uri"))
+            continue
+        key = uri.rstrip("/")
+        if key in uris:
+            out.append(Problem(f"teachers.{k}.cache_uri", f"teachers {job.teachers[uris[key]].name!r} and {t.name!r} "
+                               "would share one cache", uri, "give each teacher its own cache_uri (or leave it unset: "
+                               "<features.cache.uri>/<name>)"))
+        uris.setdefault(key, k)
+    if job.features.cache.loader == "ray_data":
+        out.append(Problem("features.cache.loader", "the Ray Data cache loader reads one teacher's cache; multi-teacher "
+                           "jobs read theirs with the threads loader (ray_data: not yet)", "ray_data",
+                           "set features.cache.loader: threads (or auto, which picks it for several teachers)"))
     return out

@@ -135,6 +135,10 @@ def _step(current: Any, part: Any) -> Any:
         origin = typing.get_origin(current)
         if origin is list:
             return typing.get_args(current)[0]
+        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):  # an optional list
+            for a in typing.get_args(current):
+                if typing.get_origin(a) is list:
+                    return typing.get_args(a)[0]
         return current
     models = _candidates(current)
     if len(models) > 1 and isinstance(part, str):  # a union member's tag: that member

@@ -29,6 +29,12 @@ def _pair():
     return Field(description="Name of the layer pair (student.pairs[].name) this term compares.")
 
 
+def _teacher():
+    return Field(default=None, description="Multi-teacher jobs: the teacher (teachers[].name) whose logits this term "
+                 "uses, or 'mean' for the teachers' weight-normalised average of logits (the default there). "
+                 "Single-teacher jobs: leave it unset (or name the one teacher, 'teacher').")
+
+
 def _logit_stand():
     return Field(default=False, description="Z-score each sample's student and teacher logits before the temperature "
                  "(logit standardisation, Sun et al. 2024).")
@@ -75,6 +81,7 @@ class KDLossSpec(Spec):
 
     kind: Literal["kd"] = Field(description="Loss kind: Hinton knowledge distillation on logits.")
     weight: float = _weight(0.9)
+    teacher: str | None = _teacher()
     params: KDParams = Field(default_factory=KDParams, description="KD parameters.")
 
 
@@ -94,6 +101,7 @@ class DKDLossSpec(Spec):
 
     kind: Literal["dkd"] = Field(description="Loss kind: decoupled knowledge distillation on logits.")
     weight: float = _weight()
+    teacher: str | None = _teacher()
     params: DKDParams = Field(default_factory=DKDParams, description="DKD parameters.")
 
 
@@ -111,6 +119,7 @@ class DISTLossSpec(Spec):
 
     kind: Literal["dist"] = Field(description="Loss kind: DIST, inter- and intra-class correlation.")
     weight: float = _weight()
+    teacher: str | None = _teacher()
     params: DISTParams = Field(default_factory=DISTParams, description="DIST parameters.")
 
 
@@ -128,6 +137,7 @@ class NKDLossSpec(Spec):
 
     kind: Literal["nkd"] = Field(description="Loss kind: normalised knowledge distillation on logits.")
     weight: float = _weight()
+    teacher: str | None = _teacher()
     params: NKDParams = Field(default_factory=NKDParams, description="NKD parameters.")
 
 

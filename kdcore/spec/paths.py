@@ -15,16 +15,22 @@ def _abs(value: str | None, base: Path) -> str | None:
 
 
 def resolve_paths(job: JobSpec, base: str | Path | None = None) -> JobSpec:
-    """A copy of ``job`` whose relative local paths (checkpoints, data files, cache uri, output dir) are
+    """A copy of ``job`` whose relative local paths (checkpoints, data files, cache uris, output dir) are
     absolute, resolved from ``base`` (default: the current directory, where the job was launched)."""
     root = Path(base) if base else Path.cwd()
     data = job.model_dump(mode="json")
     for role in ("teacher", "student"):
-        data[role]["checkpoint"] = _abs(data[role].get("checkpoint"), root)
+        if data.get(role):
+            data[role]["checkpoint"] = _abs(data[role].get("checkpoint"), root)
+    for t in data.get("teachers") or []:
+        t["checkpoint"] = _abs(t.get("checkpoint"), root)
+        t["cache_uri"] = _abs(t.get("cache_uri"), root)
     src = data["data"]["source"]
     for key in ("path", "root"):
         if key in src:
             src[key] = _abs(src[key], root)
     data["features"]["cache"]["uri"] = _abs(data["features"]["cache"].get("uri"), root)
     data["output"]["dir"] = _abs(data["output"]["dir"], root)
-    return JobSpec.model_validate(data)
+    out = JobSpec.model_validate(data)
+    out._view_of = job.view_of  # a per-teacher view stays one (kdcore.spec.job.JobSpec.for_teacher)
+    return out

@@ -69,5 +69,9 @@ class PairSpec(Spec):
 
     name: str = Field(description="Name the losses use to refer to this pair, e.g. 'feat'.", pattern=_NAME.pattern)
     student: str = Field(description="Student module path to tap, e.g. 'layer3.1.conv2' (see `kd layers`).", min_length=1)
-    teacher: str = Field(description="Teacher module path to tap; must be listed in teacher.taps.", min_length=1)
+    teacher: str = Field(description="Teacher module path to tap; must be listed in teacher.taps (or in the taps "
+                         "of the teacher named by teacher_model).", min_length=1)
+    teacher_model: str | None = Field(
+        default=None, description="Multi-teacher jobs: the name of the teacher (teachers[].name) whose layer "
+        "`teacher` is; default the first teacher. Single-teacher jobs: leave it unset.")
     projector: ProjectorSpec = Field(default_factory=ProjectorSpec, description="Projection head(s) for this pair.")

@@ -1,4 +1,7 @@
-"""The teacher (served once, tapped) and the student (trained, paired with the teacher's layers)."""
+"""The teacher (served once, tapped) and the student (trained, paired with the teacher's layers).
+
+A job has one ``teacher:`` or several named ``teachers:`` (:class:`NamedTeacherSpec`); see docs/multi-teacher.md.
+"""
 
 from __future__ import annotations
 
@@ -76,6 +79,26 @@ class TeacherSpec(Spec):
     taps: list[str] = Field(default_factory=list, description="Teacher module paths whose outputs are served/cached.")
     precision: Precision = Field(default="fp32", description="Inference precision (fp16/bf16 autocast on GPU).")
     serve: ServeSpec = Field(default_factory=ServeSpec, description="Serve deployment options.")
+
+
+SINGLE_TEACHER = "teacher"  # the name of a single-teacher job's teacher (JobSpec.teacher_list)
+MEAN_TEACHER = "mean"  # losses.N.teacher: the teachers' weight-normalised average of logits
+TEACHER_NAME = r"^[A-Za-z_][\w\-]*$"  # like pair names: no '/', which joins teacher and layer in feature keys
+
+
+class NamedTeacherSpec(TeacherSpec):
+    """One teacher of a multi-teacher job (``teachers:``): a teacher plus its name, logit weight and cache."""
+
+    name: str = Field(pattern=TEACHER_NAME, description="Name of this teacher: pairs (student.pairs[].teacher_model) "
+                      "and logit losses (losses[].teacher) refer to it; its features are keyed '<name>/<layer>'.")
+    weight: float = Field(default=1.0, ge=0.0, description="Weight of this teacher's logits in the average that "
+                          "logit losses with teacher: mean use (normalised over the teachers; >= 0).")
+    cache_uri: str | None = Field(default=None, description="This teacher's feature cache (cache mode); default "
+                                  "<features.cache.uri>/<name>.")
+
+    def single(self) -> TeacherSpec:
+        """The same teacher as a plain :class:`TeacherSpec` (what a single-teacher job holds)."""
+        return TeacherSpec.model_validate(self.model_dump(exclude={"name", "weight", "cache_uri"}))
 
 
 class StudentSpec(Spec):

@@ -65,37 +65,73 @@ def _batch(job: JobSpec, n_train: int | None) -> int:
 
 
 def _shared(job: JobSpec, offline: bool, memo: dict):
-    """Data, teacher and cache results; the same for every variant of a sweep, so computed once there."""
-    key = json.dumps({"teacher": job.teacher.model_dump(mode="json"), "data": job.data.model_dump(mode="json"),
-                      "features": job.features.model_dump(mode="json"),
-                      "seed": None if job.teacher.checkpoint else job.train.seed}, sort_keys=True, default=str)
+    """Data, teacher and cache results; the same for every variant of a sweep, so computed once there.
+
+    Each teacher of a multi-teacher job is built and probed on its own (problems at ``teachers.N...``), its cache
+    checked as its single-teacher view's (``job.for_teacher(name)``); the probe returned holds every teacher's
+    features and logits keyed ``"<teacher>/<layer>"``, as training gets them."""
+    teachers = job.teacher_list()
+    key = json.dumps({"teacher": [t.model_dump(mode="json") for _, t in teachers],
+                      "data": job.data.model_dump(mode="json"), "features": job.features.model_dump(mode="json"),
+                      "seed": None if all(t.checkpoint for _, t in teachers) else job.train.seed},
+                     sort_keys=True, default=str)
     if key in memo:
         return memo[key]
-    from kdcore.teacher import LOGITS
-    from kdcore.validate import cache, checkpoints, data, models
+    from kdcore.validate import cache, data
 
     r = Report()
     info = data.DataInfo()
-    t_probe = None
     with _stage("data.source", r):
         info = data.inspect_data(job, r, offline=offline)
-    with _stage("teacher", r):
-        t_model = models.build("teacher", job.teacher.model, r)
-        checkpoints.check(job.teacher.checkpoint, t_model, "teacher", r, offline=offline)
-        if t_model is not None:
-            named = [(t, f"teacher.taps.{i}") for i, t in enumerate(job.teacher.taps)]
-            taps = models.check_layers(t_model, "teacher", named, r)
-            if info.shape is not None:
-                paths = {t: p for t, p in reversed(named)}
-                t_probe = models.probe(t_model, "teacher", [t for t in taps if t != LOGITS], info,
-                                       _batch(job, info.n_train(job.data.val_fraction)), False, r, paths)
-                models.check_classes("teacher", job.teacher.model, t_probe, info, r)
-            else:
-                r.note("teacher: the data's shape is unknown, so no forward pass was checked")
-    with _stage("features.cache", r):
-        cache.check(job, info, t_probe, r, offline=offline)
+    probes = {}
+    for k, (name, t) in enumerate(teachers):
+        where = f"teachers.{k}" if job.multi_teacher else "teacher"
+        probes[name] = None
+        with _stage(where, r):
+            probes[name] = _check_teacher(job, t, where, info, r, offline)
+        field = f"{where}.cache_uri" if getattr(t, "cache_uri", None) else cache.FIELD
+        with _stage(field if job.multi_teacher else "features.cache", r):
+            cache.check(job.for_teacher(name), info, probes[name], r, offline=offline, field=field)
+    t_probe = probes[teachers[0][0]] if not job.multi_teacher else _merged(probes)
     memo[key] = (r, info, t_probe)
     return memo[key]
+
+
+def _check_teacher(job: JobSpec, t, where: str, info, r: Report, offline: bool):
+    """One teacher at ``where`` (``teacher`` or ``teachers.N``): built, its checkpoint, taps and a meta forward."""
+    from kdcore.teacher import LOGITS
+    from kdcore.validate import checkpoints, models
+
+    t_probe = None
+    t_model = models.build(where, t.model, r)
+    checkpoints.check(t.checkpoint, t_model, where, r, offline=offline)
+    if t_model is not None:
+        named = [(tap, f"{where}.taps.{i}") for i, tap in enumerate(t.taps)]
+        taps = models.check_layers(t_model, where, named, r)
+        if info.shape is not None:
+            paths = {tap: p for tap, p in reversed(named)}
+            t_probe = models.probe(t_model, where, [tap for tap in taps if tap != LOGITS], info,
+                                   _batch(job, info.n_train(job.data.val_fraction)), False, r, paths)
+            models.check_classes(where, t.model, t_probe, info, r)
+        else:
+            r.note(f"{where}: the data's shape is unknown, so no forward pass was checked")
+    return t_probe
+
+
+def _merged(probes: dict):
+    """Every teacher's probe as one, keyed ``"<teacher>/<layer>"`` and ``"<teacher>/logits"``; None when none ran."""
+    from kdcore.teacher import LOGITS, feature_key
+    from kdcore.validate.models import Probe
+
+    ran = [(n, p) for n, p in probes.items() if p is not None]
+    if not ran:
+        return None
+    feats = {}
+    for name, p in ran:
+        feats.update({feature_key(name, k): v for k, v in p.features.items()})
+        if p.logits is not None:
+            feats[feature_key(name, LOGITS)] = p.logits
+    return Probe(ran[0][1].x, None, feats)
 
 
 def check_job(job: JobSpec, *, offline: bool = False, memo: dict | None = None) -> Report:
@@ -140,7 +176,7 @@ def _as_delivered(job: JobSpec, t_probe):
 
 
 def _is_sweep(raw) -> bool:
-    return isinstance(raw, dict) and "variants" in raw and "teacher" not in raw
+    return isinstance(raw, dict) and "variants" in raw and "teacher" not in raw and "teachers" not in raw
 
 
 def check_spec_file(path: str | Path, *, offline: bool = False, deep: bool = True) -> Report:

@@ -20,20 +20,23 @@ REMOTE_TIMEOUT_S = 20.0
 FIELD = "features.cache.uri"
 
 
-def check(job: JobSpec, info: DataInfo, t_probe: Probe | None, report: Report, offline: bool = False) -> None:
+def check(job: JobSpec, info: DataInfo, t_probe: Probe | None, report: Report, offline: bool = False,
+          field: str = FIELD) -> None:
+    """``job``: one teacher's job (a multi-teacher job's ``for_teacher(name)`` view, whose ``features.cache.uri``
+    is that teacher's cache); problems and notes at ``field`` (e.g. ``teachers.1.cache_uri``)."""
     spec = job.features.cache
     if job.features.mode != "cache" or not spec.uri:
         return
     uri = spec.uri
     if uri.startswith("memory://"):
-        report.note(f"{FIELD}: {uri} lives in one process only; the run builds it")
+        report.note(f"{field}: {uri} lives in one process only; the run builds it")
         return
     from kdcore.cache.handle import CacheHandle
     from kdcore.errors import KDError
 
     remote = "://" in uri and not uri.startswith("file://")
     if remote and offline:
-        report.note(f"{FIELD}: {uri} not checked (--offline)")
+        report.note(f"{field}: {uri} not checked (--offline)")
         return
 
     def look():
@@ -47,39 +50,39 @@ def check(job: JobSpec, info: DataInfo, t_probe: Probe | None, report: Report, o
     if remote:
         handle, err = with_timeout(look, REMOTE_TIMEOUT_S)
         if err is not None:
-            report.note(f"{FIELD}: {uri} not reachable from here ({err}); not checked (--offline skips this)")
+            report.note(f"{field}: {uri} not reachable from here ({err}); not checked (--offline skips this)")
             return
     else:
         from pathlib import Path
 
         local = Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser()
         if not local.exists():
-            report.note(f"{FIELD}: no cache at {uri} yet; the run builds it")
+            report.note(f"{field}: no cache at {uri} yet; the run builds it")
             return
         if not local.is_dir():
-            report.add(FIELD, "is a file, not a cache directory", uri, "point it at a new or empty directory")
+            report.add(field, "is a file, not a cache directory", uri, "point it at a new or empty directory")
             return
         try:
             handle = look()
         except KDError as e:
-            report.add(FIELD, f"the cache there cannot be read: {e.message}", uri,
+            report.add(field, f"the cache there cannot be read: {e.message}", uri,
                        "remove it (`kd cache rm URI`) or point features.cache.uri elsewhere")
             return
     if handle is None:
-        report.note(f"{FIELD}: no finished cache at {uri} yet; the run builds it there (a directory holding other "
+        report.note(f"{field}: no finished cache at {uri} yet; the run builds it there (a directory holding other "
                     "files is refused)")
         return
-    _compare(job, info, t_probe, handle, report)
+    _compare(job, info, t_probe, handle, report, field)
 
 
-def _compare(job, info: DataInfo, t_probe: Probe | None, handle, report: Report) -> None:
+def _compare(job, info: DataInfo, t_probe: Probe | None, handle, report: Report, field: str = FIELD) -> None:
     from kdcore.cache.manifest import IDENTITY_FIELDS, LAYOUT_FIELDS, differences, make_manifest
     from kdcore.data.augment import n_params
 
     uri, found = handle.uri, handle.manifest
     n_train = info.n_train(job.data.val_fraction)
     if t_probe is None or t_probe.logits is None or n_train is None:
-        report.note(f"{FIELD}: a cache exists at {uri} but it cannot be compared with this job (the teacher or the "
+        report.note(f"{field}: a cache exists at {uri} but it cannot be compared with this job (the teacher or the "
                     "data could not be checked)")
         return
     taps = [t for t in dict.fromkeys(job.teacher.taps) if t != "logits"]
@@ -102,7 +105,7 @@ def _compare(job, info: DataInfo, t_probe: Probe | None, handle, report: Report)
             augmentation=job.data.augment.model_dump(mode="json"), aug_seed=job.data.augment.seed,
             aug_params=n_params(job.data.augment), spec=job.features.cache)
     except Exception as e:  # noqa: BLE001 - the run would fail the same way; report it here
-        report.add(FIELD, f"the manifest this job needs is invalid: {first_line(e)}", None,
+        report.add(field, f"the manifest this job needs is invalid: {first_line(e)}", None,
                    "check teacher.taps and features.cache")
         return
     diffs = differences(expected, found, layout=not found.complete)
@@ -112,19 +115,19 @@ def _compare(job, info: DataInfo, t_probe: Probe | None, handle, report: Report)
         fix = ("resume with the chunk_rows/compression it was started with, or remove it (`kd cache rm URI`)"
                if layout else "point features.cache.uri at another location, or remove it (`kd cache rm URI`) "
                "and let the run rebuild it")
-        report.add(FIELD, f"the cache there was built for another job: {name} ({what[name]}) differs: this job "
+        report.add(field, f"the cache there was built for another job: {name} ({what[name]}) differs: this job "
                    f"{_show(want)}, the cache {_show(have)}; the run would refuse it", uri, fix)
     if diffs:
         return
     if skipped:
-        report.note(f"{FIELD}: the {' and '.join(skipped)} fingerprint(s) of the cache at {uri} were not compared "
+        report.note(f"{field}: the {' and '.join(skipped)} fingerprint(s) of the cache at {uri} were not compared "
                     f"(more than {FINGERPRINT_BYTES >> 20} MB to hash); the run compares them")
     if found.complete:
         verdict = "reused" if job.features.cache.reuse else "rebuilt (features.cache.reuse is false)"
-        report.note(f"{FIELD}: the cache at {uri} matches this job and is complete: {verdict}")
+        report.note(f"{field}: the cache at {uri} matches this job and is complete: {verdict}")
     else:
         done = len(handle.done_chunks())
-        report.note(f"{FIELD}: the cache at {uri} matches this job, {done} of {found.n_chunks} chunks written: "
+        report.note(f"{field}: the cache at {uri} matches this job, {done} of {found.n_chunks} chunks written: "
                     "the run resumes it")
 
 

@@ -40,9 +40,10 @@ def check(value: str | None, model: nn.Module | None, role: str, report: Report,
     """Check ``{role}.checkpoint`` (``value``) against ``model`` (built on meta; None: the file only). With
     ``offline``, an absolute path that is not on this machine (a cluster volume) is noted, not an error."""
     field = f"{role}.checkpoint"
+    teacher = role == "teacher" or role.startswith("teachers.")  # one teacher, or one of several
     if not value:
-        if role == "teacher":
-            report.note("teacher.checkpoint is not set: the teacher runs with random weights (seeded by train.seed)")
+        if teacher:
+            report.note(f"{field} is not set: the teacher runs with random weights (seeded by train.seed)")
         return
     if "://" in value:
         scheme = value.split("://", 1)[0]
@@ -56,7 +57,7 @@ def check(value: str | None, model: nn.Module | None, role: str, report: Report,
         return
     if not p.is_file():
         fix = path_hint(value)
-        if role == "teacher":
+        if teacher:
             fix = "train it with `kd train-teacher SPEC` (writes this path), or " + fix
         report.add(field, "checkpoint file not found", value, fix)
         return

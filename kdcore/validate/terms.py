@@ -37,13 +37,28 @@ def check_terms(job: JobSpec, student: torch.nn.Module, s_probe: Probe, t_probe:
                 report: Report) -> None:
     """Set up and run each of ``job.losses``; problems at ``losses.{i}`` or ``student.pairs.{j}.projector``."""
     from kdcore.distiller import Distiller
+    from kdcore.spec.roles import MEAN_TEACHER
+    from kdcore.teacher import feature_key
 
     s_shapes, t_shapes = s_probe.shapes(), t_probe.shapes()
     pairs = {p.name: (j, p) for j, p in enumerate(job.student.pairs)}
-    usable = [p for p in job.student.pairs if p.student in s_shapes and p.teacher in t_shapes]
+    multi = job.multi_teacher  # several teachers: t_probe's features are keyed "<teacher>/<layer>"
+
+    def t_key(pair) -> str:
+        return feature_key(job.pair_teacher(pair) if multi else None, pair.teacher)
+
+    def logit_keys(loss) -> list[str]:
+        if not multi:
+            return ["logits"]
+        source = job.loss_teacher(loss)
+        names = [n for n, w in job.teacher_weights().items() if w > 0] if source == MEAN_TEACHER else [source]
+        return [feature_key(n, "logits") for n in names]
+
+    usable = [p for p in job.student.pairs if p.student in s_shapes and t_key(p) in t_shapes]
     teacher = dict(t_probe.features)
     if t_probe.logits is not None:
         teacher["logits"] = t_probe.logits
+    weights = job.teacher_weights() if multi else None
     batch = int(s_probe.x.shape[0])
     for i, loss in enumerate(job.losses):
         if loss.kind in _NO_META_CHECK:
@@ -51,17 +66,19 @@ def check_terms(job: JobSpec, student: torch.nn.Module, s_probe: Probe, t_probe:
         names = _pair_names(loss)
         if any(n not in pairs or pairs[n][1] not in usable for n in names):
             continue  # the pair or one of its layers is already reported
-        if not names and ("logits" not in teacher or s_probe.logits is None):
+        if not names and (any(k not in teacher for k in logit_keys(loss)) or s_probe.logits is None):
             continue
         j, pair = pairs[names[0]] if names else (None, None)
         where = "; ".join(
             f"pair {pairs[n][1].name!r}: student {pairs[n][1].student} {_shape(s_shapes[pairs[n][1].student])}, "
-            f"teacher {pairs[n][1].teacher} {_shape(t_shapes[pairs[n][1].teacher])}" for n in names) or \
-            f"logits: student {_shape(s_shapes.get('logits'))}, teacher {_shape(t_shapes.get('logits'))}"
+            f"teacher {t_key(pairs[n][1])} {_shape(t_shapes[t_key(pairs[n][1])])}" for n in names) or \
+            f"logits: student {_shape(s_shapes.get('logits'))}, teacher " + \
+            ", ".join(f"{k} {_shape(t_shapes.get(k))}" if multi else _shape(t_shapes.get(k)) for k in logit_keys(loss))
         try:
             with on_meta():
                 d = Distiller(student, usable, [loss], s_shapes, t_shapes, n_data=max(1, n_train or batch),
-                              bank_factory=lambda n, dim, momentum, dtype: MetaBank(n, dim), seed=job.train.seed)
+                              bank_factory=lambda n, dim, momentum, dtype: MetaBank(n, dim), seed=job.train.seed,
+                              teachers=weights)
         except Exception as e:  # noqa: BLE001 - heads and losses raise UserError/ValueError/TypeError
             if is_meta_limitation(e):
                 report.note(f"losses.{i} ({loss.kind}): not checked on the meta device ({first_line(e)})")
@@ -87,7 +104,7 @@ def check_terms(job: JobSpec, student: torch.nn.Module, s_probe: Probe, t_probe:
             path, fix = f"losses.{i}", _FIX.get(loss.kind, _DEFAULT_FIX)
             out_dim = getattr(getattr(pair, "projector", None), "out_dim", None)
             if pair is not None and out_dim is not None and pair.projector.sides == "student":
-                t = t_shapes[pair.teacher]
+                t = t_shapes[t_key(pair)]
                 want = t[0] if pair.projector.kind == "conv" and len(t) == 3 else math.prod(t)
                 if out_dim != want:
                     path = f"student.pairs.{j}.projector.out_dim"

@@ -12,7 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     csub = p.add_subparsers(dest="cache_command", metavar="SUBCOMMAND", required=True)
 
     b = csub.add_parser("build", help="build (or resume, or reuse) a job's cache",
-                        description="Build the job's feature cache at features.cache.uri: the teacher deployment's "
+                        description="Build the job's feature cache at features.cache.uri (a multi-teacher job: one "
+                        "cache per teacher, at <features.cache.uri>/<name> or its cache_uri): the teacher deployment's "
                         "replicas fill disjoint chunks (--local: the teacher runs in this process). A killed build "
                         "resumes where it stopped; a complete matching cache is reused.")
     b.add_argument("spec", metavar="JOB.yaml", help="job spec file")
@@ -54,18 +55,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 def build(args: argparse.Namespace) -> int:
     from kdcore.loop import load_split
     from kdcore.spec import JobSpec
-    from services.jobs.cache_build import ensure_cache
+    from services.jobs.run import ensure_caches
 
     job = JobSpec.from_yaml(args.spec)
     split = load_split(job)
     if args.local:
-        result = ensure_cache(job, split, replicas=False)
+        result = ensure_caches(job, split, {}, replicas=False)
     else:
         from services.raysession import ray_session
 
         with ray_session(job.ray, args.address):
-            result = ensure_cache(job, split)
-    print(json.dumps({k: v for k, v in result.items() if k != "manifest"}))
+            result = ensure_caches(job, split, {})
+    if job.multi_teacher:  # one cache per teacher
+        print(json.dumps({name: {k: v for k, v in r.items() if k != "manifest"} for name, r in result.items()}))
+    else:
+        print(json.dumps({k: v for k, v in result.items() if k != "manifest"}))
     return 0
 
 

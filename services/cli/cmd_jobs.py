@@ -66,9 +66,10 @@ def _run_ray(sweep_spec, out: Path, address: str | None) -> int:
 def _run_local(sweep_spec, base, out: Path, quiet: bool) -> int:
     from kdcore.sweep import run_sweep_local, write_tables
 
-    if base.teacher.checkpoint and not Path(base.teacher.checkpoint).exists():
-        raise UserError(f"teacher checkpoint {base.teacher.checkpoint} does not exist; train one with "
-                        f"`kd train-teacher` or fix teacher.checkpoint")
+    for _name, teacher in base.teacher_list():
+        if teacher.checkpoint and not Path(teacher.checkpoint).exists():
+            raise UserError(f"teacher checkpoint {teacher.checkpoint} does not exist; train one with "
+                            f"`kd train-teacher` or fix teacher.checkpoint")
     t0 = time.perf_counter()
     rows = run_sweep_local(sweep_spec, out, progress=not quiet)
     md_path, csv_path, md = write_tables(rows, out)
@@ -115,6 +116,8 @@ def register_cluster(sub: argparse._SubParsersAction) -> None:
                        ".npy in, Arrow IPC out; OpenAPI at /docs), bound to teacher.serve.http.host:port "
                        "(127.0.0.1 unless configured). Ctrl-C tears it down.")
     p.add_argument("spec", metavar="JOB.yaml", help="job spec file")
+    p.add_argument("--teacher", default=None, metavar="NAME", help="multi-teacher jobs: the teacher to serve "
+                   "(teachers[].name; default the first)")
     p.set_defaults(func=serve_cmd)
 
     p = sub.add_parser("status", help="status of a submitted job", description="Print a submitted job's status.")
@@ -185,5 +188,10 @@ def serve_cmd(args: argparse.Namespace) -> int:
     from kdcore.spec.paths import resolve_paths
     from services.teacher.serve_cmd import serve_forever
 
-    serve_forever(resolve_paths(JobSpec.from_yaml(args.spec)))
+    job = JobSpec.from_yaml(args.spec)
+    names = job.teacher_names()
+    name = getattr(args, "teacher", None) or names[0]
+    if name not in names:
+        raise UserError(f"--teacher {name}: no teacher of this name; the job's teachers are {names}")
+    serve_forever(resolve_paths(job.for_teacher(name)))  # one teacher's deployment (a multi-teacher job: its view)
     return 0

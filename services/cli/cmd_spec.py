@@ -36,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Build the teacher or student of a job spec and list its module paths, the names "
                        "teacher.taps and student pairs refer to.")
     p.add_argument("spec", metavar="JOB.yaml", help="job spec file")
-    p.add_argument("--side", choices=["teacher", "student"], default="teacher", help="which model (default teacher)")
+    p.add_argument("--side", default="teacher", metavar="SIDE",
+                   help="which model: teacher (default; a multi-teacher job's first), student, or a teacher's name "
+                   "or teachers.N in a multi-teacher job")
     p.set_defaults(func=layers)
 
 
@@ -105,7 +107,7 @@ def layers(args: argparse.Namespace) -> int:
     from kdcore.spec import JobSpec
 
     spec = JobSpec.from_yaml(args.spec)
-    role = spec.teacher if args.side == "teacher" else spec.student
+    role = spec.student if args.side == "student" else _teacher_side(spec, args.side)
     model = build_model(role.model)
     for name, module in model.named_modules():
         if name:
@@ -113,3 +115,19 @@ def layers(args: argparse.Namespace) -> int:
     if not any(True for _ in model.named_modules()):
         raise UserError("the model has no sub-modules")
     return 0
+
+
+def _teacher_side(spec, side: str):
+    """The teacher ``kd layers --side`` names: ``teacher`` (the first of several), a teacher's name, ``teachers.N``."""
+    listed = spec.teacher_list()
+    names = [n for n, _ in listed]
+    if side == "teacher":
+        return listed[0][1]
+    if side.startswith("teachers.") and side[len("teachers."):].isdigit() and spec.multi_teacher:
+        k = int(side[len("teachers."):])
+        if k < len(listed):
+            return listed[k][1]
+    if spec.multi_teacher and side in names:
+        return spec.teacher_spec(side)
+    others = f", a teacher's name ({', '.join(names)}) or teachers.N" if spec.multi_teacher else ""
+    raise UserError(f"--side {side}: not a model of this job; use teacher, student{others}")

@@ -39,12 +39,10 @@ def run_job(job: JobSpec, address: str | None = None, out_dir: str | Path | None
         extra: dict[str, Any] = {}
         mode = job.features.mode
         if mode == "cache":
-            from services.jobs.cache_build import ensure_cache
-
-            say(f"[{job.name}] stage: feature cache {job.features.cache.uri}")
-            extra["cache"] = ensure_cache(job, split, log=say, runner=runner)
-            config["cache_manifest"] = extra["cache"]["manifest"]
-            say(f"[{job.name}] stage: train student from the cache")
+            if not job.multi_teacher:
+                say(f"[{job.name}] stage: feature cache {job.features.cache.uri}")
+            extra["cache"] = ensure_caches(job, split, config, log=say, runner=runner)
+            say(f"[{job.name}] stage: train student from the cache" + ("s" if job.multi_teacher else ""))
             result = _train(job, out, config, say)
         elif mode == "stream":
             from services.teacher.lifecycle import teacher_app
@@ -65,6 +63,31 @@ def run_job(job: JobSpec, address: str | None = None, out_dir: str | Path | None
     say(f"[{job.name}] done in {result['total_seconds']:.0f} s: val acc {result['final'].get('val/acc', float('nan')):.4f}; "
         f"report {result['report'].get('summary')}")
     return result
+
+
+def ensure_caches(job: JobSpec, split, config: dict[str, Any], log: Callable[[str], None] | None = print,
+                  replicas: bool = True, runner=None) -> dict[str, Any]:
+    """Build or reuse the job's feature cache(s) and note in ``config`` the manifests training must find.
+
+    One teacher: ``ensure_cache`` on the job (``config["cache_manifest"]``). Several: ``ensure_cache`` on each
+    teacher's single-teacher view ``job.for_teacher(name)``, its cache at ``job.teacher_cache_uri(name)``,
+    one after the other (each with its own deployment on Ray); ``config["cache_manifests"]`` maps teacher ->
+    manifest. ``runner``: the job's already loaded teacher (a ``TeacherSet`` for several). Returns what
+    ``ensure_cache`` returned (several teachers: by teacher name)."""
+    from services.jobs.cache_build import ensure_cache
+
+    say = log or (lambda _msg: None)
+    if not job.multi_teacher:
+        result = ensure_cache(job, split, log=log, replicas=replicas, runner=runner)
+        config["cache_manifest"] = result["manifest"]
+        return result
+    results: dict[str, Any] = {}
+    for name in job.teacher_names():
+        say(f"[{job.name}] stage: feature cache of teacher {name!r} {job.teacher_cache_uri(name)}")
+        own = runner.runners[name] if runner is not None else None
+        results[name] = ensure_cache(job.for_teacher(name), split, log=log, replicas=replicas, runner=own)
+    config["cache_manifests"] = {name: r["manifest"] for name, r in results.items()}
+    return results
 
 
 def _train(job: JobSpec, out: Path, config: dict[str, Any], log) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""``kd sweep``: one teacher (one cache), many students trained on Ray, one comparison table."""
+"""``kd sweep``: one teacher (one cache; or one per teacher of a multi-teacher base), many students trained on
+Ray, one comparison table."""
 
 from __future__ import annotations
 
@@ -28,11 +29,12 @@ def run_sweep(sweep: SweepSpec, out_dir: str | Path, address: str | None = None,
         config: dict[str, Any] = {}
         cache = None
         if base.features.mode == "cache":
-            from services.jobs.cache_build import ensure_cache
+            from services.jobs.run import ensure_caches
 
-            say(f"[sweep] stage: feature cache {base.features.cache.uri} (the teacher runs at most once)")
-            cache = ensure_cache(base, load_split(base), log=say)
-            config["cache_manifest"] = cache["manifest"]
+            where = base.features.cache.uri if not base.multi_teacher else \
+                ", ".join(str(base.teacher_cache_uri(n)) for n in base.teacher_names())
+            say(f"[sweep] stage: feature cache {where} (the teacher runs at most once)")
+            cache = ensure_caches(base, load_split(base), config, log=say)
         say(f"[sweep] stage: {len(runs)} student run(s), {sweep.parallel} at a time")
 
         def one(item):

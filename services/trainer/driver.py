@@ -90,8 +90,11 @@ def claim_run_dir(job: JobSpec, out: Path) -> None:
     marker = out / "job.yaml"
     mine = job.model_dump(mode="json", exclude={"output", "ray"})
     if marker.exists():
-        theirs = yaml.safe_load(marker.read_text()) or {}
-        theirs = {k: v for k, v in theirs.items() if k not in ("output", "ray")}
+        raw = yaml.safe_load(marker.read_text()) or {}
+        try:  # read back through the model: a field added to the spec since that run (with its default) is no change
+            theirs = JobSpec.model_validate(raw).model_dump(mode="json", exclude={"output", "ray"})
+        except Exception:  # noqa: BLE001 - not a spec this version reads: compared as written
+            theirs = {k: v for k, v in raw.items() if k not in ("output", "ray")}
         if theirs != mine:
             changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise UserError(f"{out} holds a run of a different spec (changed: {', '.join(changed)}); a rerun with the "
@@ -134,7 +137,9 @@ def train_student(job: JobSpec, out_dir: str | Path | None = None, extra_config:
         if use_gpu:
             resources["GPU"] = job.train.gpus_per_worker
         datasets = {}
-        if job.features.mode == "cache" and uses_ray_data(job):
+        # several teachers: every worker reads every teacher's cache with the threads loader (CachedFeatures);
+        # the Ray Data pipeline reads one cache (the spec refuses loader: ray_data with several teachers)
+        if job.features.mode == "cache" and uses_ray_data(job) and not job.multi_teacher:
             from services.data.pipeline import cache_training_dataset
 
             datasets["train"] = cache_training_dataset(job, config["job"])
@@ -180,9 +185,10 @@ def _finish(job, out: Path, student, history, split, seconds: float, log, teache
     student_dir = export_student(student, job.student, out / "student",
                                  {"job": job.name, "val_acc": final.get("val/acc"),
                                   "normalize": {"mean": split.mean, "std": split.std}})
-    report = write_report(out, job.name, history,
-                          {"features": job.features.mode, "workers": job.train.num_workers,
-                           "train_seconds": round(seconds, 2)})
+    extra = {"features": job.features.mode, "workers": job.train.num_workers, "train_seconds": round(seconds, 2)}
+    if job.multi_teacher:
+        extra["teachers"] = ", ".join(f"{n} (weight {w:g})" for n, w in job.teacher_weights().items())
+    report = write_report(out, job.name, history, extra)
     if log:
         log(f"[{job.name}] val acc {final.get('val/acc', float('nan')):.4f} after {len(history)} epoch(s); "
             f"student in {student_dir}")

@@ -15,7 +15,7 @@ def make_feed(job: JobSpec, split: DataSplit, config: dict[str, Any]):
     if mode == "online":
         return OnlineFeatures(split, job.data, build_teacher(job, device="cpu"), job.data.batch_size, job.train.seed)
     if mode == "cache":
-        shard = _train_shard()
+        shard = None if job.multi_teacher else _train_shard()  # several teachers: the threads loader (driver)
         if shard is not None:  # a Ray Train worker: its shard of the job's Ray Data pipeline
             from kdcore.cache.handle import CacheHandle
             from services.data.shard import ShardFeatures
@@ -25,7 +25,7 @@ def make_feed(job: JobSpec, split: DataSplit, config: dict[str, Any]):
             return ShardFeatures(job, split, shard, m.num_classes or 0, m.chunk_rows)
         from kdcore.cache.jobs import CachedFeatures
 
-        return CachedFeatures.open(job, split, config.get("cache_manifest"))
+        return CachedFeatures.open(job, split, config.get("cache_manifests" if job.multi_teacher else "cache_manifest"))
     if mode == "stream":
         from services.teacher.stream import StreamFeatures
 
