@@ -118,7 +118,7 @@ class CachedFeatures:
         self.handle = self.handles[0]
         m = self.manifest = self.handle.manifest
         for name, other in zip(self.names[1:], self.handles[1:]):
-            _check_shared(self.names[0], self.handle, name, other)
+            check_shared(self.names[0], self.handle, name, other)
         self._loaders: dict[tuple[int, int], list[CacheLoader]] = {}
 
     @classmethod
@@ -179,7 +179,7 @@ def _in_step(loaders: list[CacheLoader], names: list[str | None]) -> Iterator[li
         yield parts
 
 
-def _check_shared(name_a: str | None, a: CacheHandle, name_b: str | None, b: CacheHandle) -> None:
+def check_shared(name_a: str | None, a: CacheHandle, name_b: str | None, b: CacheHandle) -> None:
     """Teacher caches of one job hold the same rows in the same chunks, or the job cannot read them together."""
     ma, mb = a.manifest, b.manifest
     for field, what in SHARED_FIELDS:

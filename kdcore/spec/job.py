@@ -367,8 +367,4 @@ def _multi_teacher_feature_problems(job: JobSpec) -> list[Problem]:
                                "would share one cache", uri, "give each teacher its own cache_uri (or leave it unset: "
                                "<features.cache.uri>/<name>)"))
         uris.setdefault(key, k)
-    if job.features.cache.loader == "ray_data":
-        out.append(Problem("features.cache.loader", "the Ray Data cache loader reads one teacher's cache; multi-teacher "
-                           "jobs read theirs with the threads loader (ray_data: not yet)", "ray_data",
-                           "set features.cache.loader: threads (or auto, which picks it for several teachers)"))
     return out

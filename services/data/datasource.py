@@ -15,6 +15,7 @@ from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from kdcore.cache.handle import CacheHandle
+from kdcore.cache.jobs import check_shared
 from kdcore.cache.layout import AUG, LOGITS, TOPK_IDX, TOPK_VAL, bf16_bits_to_float32, output_key
 from kdcore.cache.reader import read_chunk
 from kdcore.data.rows import rows_to_samples
@@ -34,17 +35,25 @@ def raw_column(raw: Any) -> np.ndarray:
 
 
 class CacheRowsDatasource(Datasource):
-    """Blocks of ``{row, sample, view, raw, aug, f.<layer>..., logits | logits_topk_*}``, one per cache chunk."""
+    """Blocks of ``{row, sample, view, raw, aug, f.<layer>..., logits | logits_topk_*}``, one per cache chunk.
 
-    def __init__(self, job_json: dict[str, Any], uri: str, s3_endpoint: str | None = None,
+    ``uri``: the cache, or ``[(teacher, uri), ...]``: the caches of a multi-teacher job (they hold the same rows in
+    the same chunks, checked), whose chunk ``i`` is read from each and joined: features as ``f.<teacher>/<layer>``
+    and logits (top-k ones filled in) as ``f.<teacher>/logits``, the keys the distiller reads."""
+
+    def __init__(self, job_json: dict[str, Any], uri: str | list[tuple[str, str]], s3_endpoint: str | None = None,
                  chunks: list[int] | None = None) -> None:
         super().__init__()
-        self.job_json, self.uri, self.s3_endpoint = job_json, uri, s3_endpoint
-        handle = CacheHandle.open(uri, s3_endpoint=s3_endpoint, read_only=True)
+        self.job_json, self.s3_endpoint = job_json, s3_endpoint
+        self.caches: list[tuple[str | None, str]] = [(None, uri)] if isinstance(uri, str) else list(uri)
+        handles = [CacheHandle.open(u, s3_endpoint=s3_endpoint, read_only=True) for _, u in self.caches]
+        for (name, _), other in zip(self.caches[1:], handles[1:]):
+            check_shared(self.caches[0][0], handles[0], name, other)
+        handle = handles[0]
         self.views = handle.manifest.views
         self.chunks = list(range(handle.n_chunks)) if chunks is None else list(chunks)
         self.bounds = {i: handle.chunk_bounds(i) for i in self.chunks}
-        self.row_bytes = int(sum(np.prod(s) * 4 for s in handle.manifest.layers.values()) + 4096)
+        self.row_bytes = int(sum(np.prod(s) * 4 for h in handles for s in h.manifest.layers.values()) + 4096)
 
     def estimate_inmemory_data_size(self) -> int | None:
         return int(sum((b - a) * self.row_bytes for a, b in self.bounds.values()))
@@ -61,8 +70,6 @@ class CacheRowsDatasource(Datasource):
 
     def read_block(self, chunk: int):
         ctx = data_context(self.job_json)
-        handle = _handle(self.uri, self.s3_endpoint)
-        arrays = read_chunk(handle, chunk)  # checksums verified: a corrupted chunk stops the run, named
         a, b = self.bounds[chunk]
         samples, views = rows_to_samples(a, b, self.views)
         split = ctx.split
@@ -72,14 +79,35 @@ class CacheRowsDatasource(Datasource):
         raw = raw_column([raw[j] for j in pick.tolist()] if isinstance(raw, list) else np.asarray(raw)[pick])
         block: dict[str, np.ndarray] = {"row": np.arange(a, b, dtype=np.int64), "sample": samples, "view": views,
                                         RAW: raw}
-        bf16 = handle.manifest.dtype == "bf16"
-        for path, value in arrays.items():
-            key = output_key(path)
-            if key not in (TOPK_IDX, AUG):  # features and logits travel as float32
-                value = bf16_bits_to_float32(value) if bf16 else np.asarray(value, dtype=np.float32)
-            block[key if key in (LOGITS, TOPK_IDX, TOPK_VAL, AUG) else FEATURE_PREFIX + key] = np.ascontiguousarray(value)
+        for name, uri in self.caches:
+            block.update(_teacher_columns(_handle(uri, self.s3_endpoint), chunk, name))
         block.setdefault(AUG, np.zeros((b - a, 0), dtype=np.float32))
         return BlockAccessor.batch_to_block(block)
+
+
+def _teacher_columns(handle: CacheHandle, chunk: int, teacher: str | None) -> dict[str, np.ndarray]:
+    """Chunk ``chunk`` of one teacher's cache as block columns (``teacher``: its name in a multi-teacher job)."""
+    arrays = read_chunk(handle, chunk)  # checksums verified: a corrupted chunk stops the run, named
+    m = handle.manifest
+    out: dict[str, np.ndarray] = {}
+    for path, value in arrays.items():
+        key = output_key(path)
+        if key not in (TOPK_IDX, AUG):  # features and logits travel as float32
+            value = bf16_bits_to_float32(value) if m.dtype == "bf16" else np.asarray(value, dtype=np.float32)
+        if key == AUG:
+            out.setdefault(AUG, np.ascontiguousarray(value))  # every teacher's cache holds the same parameters
+        elif teacher is None:
+            out[key if key in (LOGITS, TOPK_IDX, TOPK_VAL) else FEATURE_PREFIX + key] = np.ascontiguousarray(value)
+        elif key not in (TOPK_IDX, TOPK_VAL):
+            out[f"{FEATURE_PREFIX}{teacher}/{key}"] = np.ascontiguousarray(value)
+    if teacher is not None and TOPK_IDX in {output_key(p) for p in arrays}:
+        idx = np.asarray(next(v for p, v in arrays.items() if output_key(p) == TOPK_IDX), dtype=np.int64)
+        val = next(v for p, v in arrays.items() if output_key(p) == TOPK_VAL)
+        val = bf16_bits_to_float32(val) if m.dtype == "bf16" else np.asarray(val, dtype=np.float32)
+        dense = np.full((len(idx), m.num_classes or 0), -1e4, dtype=np.float32)  # as shard.teacher_logits fills them
+        np.put_along_axis(dense, idx, val, axis=1)
+        out[f"{FEATURE_PREFIX}{teacher}/{LOGITS}"] = dense
+    return out
 
 
 _HANDLES: dict[tuple[str, str | None], CacheHandle] = {}

@@ -40,7 +40,8 @@ class ShardFeatures:
             s = np.asarray(b["sample"], dtype=np.int64)
             teacher = {k[len(FEATURE_PREFIX):]: torch.from_numpy(np.asarray(v, dtype=np.float32))
                        for k, v in b.items() if k.startswith(FEATURE_PREFIX)}
-            teacher[LOGITS] = teacher_logits(b, self.num_classes)
+            if LOGITS in b or TOPK_IDX in b:  # one teacher (several: their logits are f.<teacher>/logits columns)
+                teacher[LOGITS] = teacher_logits(b, self.num_classes)
             yield Batch(x=torch.from_numpy(np.ascontiguousarray(b["x"], dtype=np.float32)),
                         y=torch.from_numpy(self.split.y_train[s]), labeled=torch.from_numpy(self.split.labeled[s]),
                         idx=torch.from_numpy(s), teacher=teacher)

@@ -137,9 +137,7 @@ def train_student(job: JobSpec, out_dir: str | Path | None = None, extra_config:
         if use_gpu:
             resources["GPU"] = job.train.gpus_per_worker
         datasets = {}
-        # several teachers: every worker reads every teacher's cache with the threads loader (CachedFeatures);
-        # the Ray Data pipeline reads one cache (the spec refuses loader: ray_data with several teachers)
-        if job.features.mode == "cache" and uses_ray_data(job) and not job.multi_teacher:
+        if job.features.mode == "cache" and uses_ray_data(job):  # several teachers: chunks joined across caches
             from services.data.pipeline import cache_training_dataset
 
             datasets["train"] = cache_training_dataset(job, config["job"])

@@ -15,13 +15,13 @@ def make_feed(job: JobSpec, split: DataSplit, config: dict[str, Any]):
     if mode == "online":
         return OnlineFeatures(split, job.data, build_teacher(job, device="cpu"), job.data.batch_size, job.train.seed)
     if mode == "cache":
-        shard = None if job.multi_teacher else _train_shard()  # several teachers: the threads loader (driver)
+        shard = _train_shard()
         if shard is not None:  # a Ray Train worker: its shard of the job's Ray Data pipeline
             from kdcore.cache.handle import CacheHandle
             from services.data.shard import ShardFeatures
 
-            m = CacheHandle.open(job.features.cache.uri, s3_endpoint=job.features.cache.s3_endpoint,
-                                 read_only=True).manifest
+            uri = job.teacher_cache_uri(job.teacher_names()[0])  # several teachers: their caches share the layout
+            m = CacheHandle.open(uri, s3_endpoint=job.features.cache.s3_endpoint, read_only=True).manifest
             return ShardFeatures(job, split, shard, m.num_classes or 0, m.chunk_rows)
         from kdcore.cache.jobs import CachedFeatures
 

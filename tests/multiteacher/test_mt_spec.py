@@ -108,8 +108,6 @@ BAD = [
      ["'cnn'", "cache_uri"]),
     ("shared-cache", lambda d: [t.update(cache_uri="/tmp/one") for t in d["teachers"]], "teachers.1.cache_uri",
      ["share one cache"]),
-    ("ray-data-loader", lambda d: d["features"]["cache"].update(loader="ray_data"), "features.cache.loader",
-     ["threads", "not yet"]),
 ]
 
 

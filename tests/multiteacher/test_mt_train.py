@@ -97,6 +97,37 @@ def test_cached_batches_equal_the_online_teachers(tmp_path):
         assert torch.allclose(batch.teacher[key], value, atol=1e-5), key
 
 
+@pytest.mark.parametrize("topk", [None, 3])
+def test_a_ray_data_block_joins_every_teachers_chunk(tmp_path, topk):
+    """The Ray Data source of a two-teacher job (no cluster needed to read a block): chunk i of each teacher's
+    cache, keyed as the distiller reads them, equal to the teachers' outputs on the block's inputs."""
+    from ray.data.block import BlockAccessor
+
+    from kdcore.data.rows import RowMapper
+    from kdcore.loop import build_teacher, load_split
+    from services.data.datasource import CacheRowsDatasource
+    from services.jobs.run import ensure_caches
+
+    d = two_teacher_job(tmp_path, mode="cache")
+    d["features"]["cache"].update(dtype="fp32", loader="ray_data", logits_topk=topk)
+    job = JobSpec.from_dict(d)
+    split = load_split(job)
+    teachers = build_teacher(job, device="cpu")
+    ensure_caches(job, split, {}, log=None, replicas=False, runner=teachers)
+    caches = [(t, job.teacher_cache_uri(t)) for t in job.teacher_names()]
+    block = BlockAccessor.for_block(CacheRowsDatasource(job.model_dump(mode="json"), caches).read_block(1)).to_numpy()
+    assert {k for k in block if k.startswith("f.")} == {"f.cnn/embed", "f.cnn/block3", "f.cnn/logits",
+                                                         "f.mlp/hidden", "f.mlp/logits"}
+    x = RowMapper(split, job.data).cache_rows(256, 512).x
+    for key, value in teachers(torch.from_numpy(x)).items():
+        want = value.numpy()
+        if topk and key.endswith("/logits"):  # top-k logits are filled in: the k largest, -1e4 elsewhere
+            keep = np.argsort(-want, axis=1)[:, :topk]
+            want = np.full_like(want, -1e4)
+            np.put_along_axis(want, keep, np.take_along_axis(value.numpy(), keep, axis=1), axis=1)
+        np.testing.assert_allclose(block["f." + key], want, atol=1e-5, err_msg=key)
+
+
 def test_teacher_caches_that_do_not_share_rows_are_refused(tmp_path):
     from kdcore.cache.jobs import CachedFeatures
     from kdcore.errors import CacheMismatchError
@@ -172,11 +203,14 @@ def test_kd_run_two_teachers_from_their_caches_on_ray(ray_clean, tmp_path, capsy
     (m,) = _metrics(run)
     assert m["epoch"] == 1 and "loss/dkd@mlp" in m and "val/acc" in m
     assert "teachers: cnn (weight 1), mlp (weight 0.5)" in (run / "summary.md").read_text()
-    # a second student on the same caches: the teachers do not run
+    # a second student on the same caches, through the Ray Data pipeline: the teachers do not run
     d["name"] = "mt-2"
+    d["features"]["cache"]["loader"] = "ray_data"
     assert main(["run", str(_write(tmp_path, d, "two.yaml"))]) == 0
     out = capsys.readouterr().out
     assert out.count("reusing the complete cache") == 2 and "building" not in out
+    (m2,) = _metrics(tmp_path / "runs" / "mt-2")
+    assert np.isfinite(m2["loss/kd"]) and "loss/dkd@mlp" in m2 and m2["val/acc"] > 0
 
 
 def test_train_local_in_cache_mode_uses_the_cache_for_one_teacher_too(tmp_path, digits_job, capsys):
