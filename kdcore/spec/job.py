@@ -348,9 +348,6 @@ def _teacher_problems(job: JobSpec, out: list[Problem]) -> bool:
 def _multi_teacher_feature_problems(job: JobSpec) -> list[Problem]:
     out: list[Problem] = []
     mode = job.features.mode
-    if mode == "stream":
-        out.append(Problem("features.mode", "stream mode serves one teacher; use features.mode: cache or online",
-                           mode, "set features.mode: cache (one cache per teacher) or online"))
     if mode != "cache":
         return out
     uris: dict[str, int] = {}

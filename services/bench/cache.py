@@ -104,7 +104,7 @@ def run(
         mm = np.load(raw_path, mmap_mode="r")
         loader = CacheLoader(uri, batch_size=batch, seed=seed, shuffle_window=shuffle_window, prefetch=prefetch)
 
-        def read_memmap(epoch: int) -> float:
+        def read_memmap(epoch: int, mm=mm) -> float:
             perm = np.random.default_rng([seed, epoch]).permutation(rows)
             t0 = time.perf_counter()
             for k in range(0, rows, batch):

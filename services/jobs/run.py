@@ -9,9 +9,10 @@ actors whatever happened.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from kdcore.loop import build_teacher, load_split, run_dir, teacher_shapes_of
 from kdcore.spec.job import JobSpec
@@ -45,15 +46,16 @@ def run_job(job: JobSpec, address: str | None = None, out_dir: str | Path | None
             say(f"[{job.name}] stage: train student from the cache" + ("s" if job.multi_teacher else ""))
             result = _train(job, out, config, say)
         elif mode == "stream":
-            from services.teacher.lifecycle import teacher_app
-
-            with teacher_app(job, log=say) as app_name:
-                config["teacher_app"] = app_name
+            with _teacher_apps(job, say) as apps:
+                if job.multi_teacher:
+                    config["teacher_apps"] = apps
+                else:
+                    config["teacher_app"] = apps[job.teacher_names()[0]]
                 if job.features.stream.payload == "projected":
                     from services.teacher.stream import stream_teacher_shapes
 
                     config["teacher_shapes"] = {k: list(v) for k, v in stream_teacher_shapes(job, split).items()}
-                say(f"[{job.name}] stage: train student on the teacher stream")
+                say(f"[{job.name}] stage: train student on the teacher stream" + ("s" if job.multi_teacher else ""))
                 result = _train(job, out, config, say)
         else:
             say(f"[{job.name}] stage: train student (teacher online in each worker)")
@@ -88,6 +90,22 @@ def ensure_caches(job: JobSpec, split, config: dict[str, Any], log: Callable[[st
         results[name] = ensure_cache(job.for_teacher(name), split, log=log, replicas=replicas, runner=own)
     config["cache_manifests"] = {name: r["manifest"] for name, r in results.items()}
     return results
+
+
+@contextlib.contextmanager
+def _teacher_apps(job: JobSpec, say: Callable[[str], None]) -> Iterator[dict[str, str]]:
+    """Every teacher's deployment for the length of a stream stage: ``{teacher: app name}`` (several teachers:
+    apps ``kd-teacher-<job>-<teacher>``, each serving its single-teacher view); all deleted on exit."""
+    from services.teacher.app import app_name_for
+    from services.teacher.lifecycle import teacher_app
+
+    with contextlib.ExitStack() as stack:
+        if not job.multi_teacher:
+            yield {job.teacher_names()[0]: stack.enter_context(teacher_app(job, log=say))}
+            return
+        yield {name: stack.enter_context(teacher_app(job.for_teacher(name), log=say,
+                                                     name=f"{app_name_for(job)}-{name}"))
+               for name in job.teacher_names()}
 
 
 def _train(job: JobSpec, out: Path, config: dict[str, Any], log) -> dict[str, Any]:

@@ -10,9 +10,10 @@ from services.teacher.app import app_name_for, delete_teacher_app, run_teacher_a
 
 
 @contextlib.contextmanager
-def teacher_app(job: JobSpec, log: Callable[[str], None] | None = print) -> Iterator[str]:
-    """Run the job's teacher deployment; yield its app name; delete it (and its registry) on exit."""
-    name = app_name_for(job)
+def teacher_app(job: JobSpec, log: Callable[[str], None] | None = print, name: str | None = None) -> Iterator[str]:
+    """Run the job's teacher deployment (as app ``name``, default ``app_name_for(job)``); yield its app name;
+    delete it (and its registry) on exit."""
+    name = name or app_name_for(job)
     if log:
         s = job.teacher.serve
         log(f"[{job.name}] stage: teacher deployment {name} ({s.replicas if s.autoscaling is None else 'autoscaled'} "

@@ -40,13 +40,14 @@ log = logging.getLogger("kd.teacher")
 
 def stream_teacher_shapes(job: JobSpec, split: DataSplit) -> dict[str, tuple[int, ...]]:
     """Per-sample shapes of what a stream delivers: the tapped shapes (raw) or ``(projected_dim,)``
-    (projected); logits keep their shape. What a trainer must size its heads for."""
+    (projected); logits keep their shape. What a trainer must size its heads for (several teachers: keyed
+    ``"<teacher>/<layer>"``)."""
     from kdcore.loop import teacher_shapes_of
 
     shapes = teacher_shapes_of(job, split, None)
     if job.features.stream.payload == "projected":
         d_p = job.features.stream.projected_dim
-        return {k: (v if k == LOGITS else (d_p,)) for k, v in shapes.items()}
+        return {k: (v if k.rsplit("/", 1)[-1] == LOGITS else (d_p,)) for k, v in shapes.items()}
     return shapes
 
 
@@ -123,7 +124,7 @@ class StreamFeatures:
 
     def __init__(self, job: JobSpec, split: DataSplit, app: Any, *, chunk: int | None = None,
                  max_retries: int = 8, retry_wait_s: float = 0.2, min_version: int | None = None,
-                 check: bool = True) -> None:
+                 check: bool = True, student_inputs: bool = True) -> None:
         from services.teacher.app import get_handle
 
         self.job, self.split, self.data = job, split, job.data
@@ -140,6 +141,7 @@ class StreamFeatures:
         self.last_replica: str | None = None
         self.versions: set[Any] = set()
         self._check = check
+        self.student_inputs = student_inputs  # False: batches carry no inputs (another stream reads them)
         self._open: list[_Chunk] = []
 
     def _check_server(self) -> None:
@@ -202,7 +204,7 @@ class StreamFeatures:
         self.replicas.add(msg.get("replica"))
         self.last_replica = msg.get("replica")
         self.versions.add(msg.get("projector_version"))
-        x = torch.from_numpy(self._inputs.batch(step * self.batch_size, len(r)))
+        x = torch.from_numpy(self._inputs.batch(step * self.batch_size, len(r))) if self.student_inputs else None
         return Batch(x=x, y=torch.from_numpy(self.split.y_train[r]), labeled=torch.from_numpy(self.split.labeled[r]),
                      idx=torch.from_numpy(r), teacher=teacher)
 
@@ -210,6 +212,38 @@ class StreamFeatures:
         for c in list(self._open):
             c.cancel()
         self._open.clear()
+
+
+class TeacherStreams:
+    """FeatureSource of a multi-teacher stream job: every teacher's deployment streams the same epoch (the same
+    rows, views and steps: ``epoch_rows`` is seeded by the job), in lockstep; each batch holds their features
+    merged under ``"<teacher>/<key>"``. The student inputs are read once, by the first stream."""
+
+    def __init__(self, job: JobSpec, split: DataSplit, apps: dict[str, Any], **kwargs: Any) -> None:
+        from kdcore.teacher import prefixed
+
+        self._prefixed = prefixed
+        self.streams = {name: StreamFeatures(job.for_teacher(name), split, apps[name], student_inputs=k == 0, **kwargs)
+                        for k, name in enumerate(job.teacher_names())}
+
+    def steps_per_epoch(self, world: int = 1) -> int:
+        return next(iter(self.streams.values())).steps_per_epoch(world)
+
+    def epoch(self, epoch: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        names = list(self.streams)
+        for batches in zip(*(s.epoch(epoch, rank, world) for s in self.streams.values()), strict=True):
+            first = batches[0]
+            teacher: dict[str, torch.Tensor] = {}
+            for name, b in zip(names, batches):
+                if not torch.equal(b.idx, first.idx):
+                    raise TeacherError(f"the streams of teachers {names[0]!r} and {name!r} answered for different "
+                                       "rows; do both deployments serve this job's split?")
+                teacher.update(self._prefixed(name, b.teacher))
+            yield Batch(x=first.x, y=first.y, labeled=first.labeled, idx=first.idx, teacher=teacher)
+
+    def close(self) -> None:
+        for s in self.streams.values():
+            s.close()
 
 
 class _GroupInputs:

@@ -27,8 +27,10 @@ def make_feed(job: JobSpec, split: DataSplit, config: dict[str, Any]):
 
         return CachedFeatures.open(job, split, config.get("cache_manifests" if job.multi_teacher else "cache_manifest"))
     if mode == "stream":
-        from services.teacher.stream import StreamFeatures
+        from services.teacher.stream import StreamFeatures, TeacherStreams
 
+        if job.multi_teacher:
+            return TeacherStreams(job, split, config["teacher_apps"])
         return StreamFeatures(job, split, config["teacher_app"])
     raise ValueError(f"unknown features.mode {mode!r}")
 

@@ -102,8 +102,6 @@ BAD = [
      ["duplicate kd"]),
     ("mean-needs-a-weight", lambda d: [t.update(weight=0) for t in d["teachers"]], "losses.1.teacher",
      ["weight > 0"]),
-    ("stream-refused", lambda d: d["features"].update(mode="stream"), "features.mode",
-     ["stream mode serves one teacher", "cache or online"]),
     ("cache-needs-a-uri", lambda d: d["features"].update(mode="cache", cache={}), "features.cache.uri",
      ["'cnn'", "cache_uri"]),
     ("shared-cache", lambda d: [t.update(cache_uri="/tmp/one") for t in d["teachers"]], "teachers.1.cache_uri",

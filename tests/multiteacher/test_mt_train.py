@@ -213,6 +213,23 @@ def test_kd_run_two_teachers_from_their_caches_on_ray(ray_clean, tmp_path, capsy
     assert np.isfinite(m2["loss/kd"]) and "loss/dkd@mlp" in m2 and m2["val/acc"] > 0
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_kd_run_two_teachers_streamed_from_their_deployments(ray_clean, tmp_path, capsys):
+    from tests.onray.test_run import _no_kd_leftovers
+
+    d = two_teacher_job(tmp_path, mode="stream")
+    d["name"] = "mt-stream"
+    assert main(["run", str(_write(tmp_path, d))]) == 0
+    out = capsys.readouterr().out
+    for name in ("cnn", "mlp"):  # each teacher's own deployment, deleted at the end
+        assert f"stage: teacher deployment kd-teacher-mt-stream-{name}" in out
+        assert f"teacher deployment kd-teacher-mt-stream-{name} deleted" in out
+    (m,) = _metrics(tmp_path / "runs" / "mt-stream")
+    assert np.isfinite(m["loss/kd"]) and "loss/dkd@mlp" in m and "loss/cosine/hid" in m and m["val/acc"] > 0
+    assert _no_kd_leftovers() == ([], [])
+
+
 def test_train_local_in_cache_mode_uses_the_cache_for_one_teacher_too(tmp_path, digits_job, capsys):
     from kdcore.cache.handle import CacheHandle
 
