@@ -135,9 +135,11 @@ def test_every_problem_of_a_multi_teacher_spec_is_reported_at_once(tmp_path):
     d = two_teacher_job(tmp_path)
     d["student"]["pairs"][1]["teacher_model"] = "mpl"
     d["losses"][2]["teacher"] = "cn"
-    d["features"]["mode"] = "stream"
+    d["features"]["mode"] = "cache"
+    for t in d["teachers"]:
+        t["cache_uri"] = str(tmp_path / "one")
     paths = {p.path for p in _problems(d)}
-    assert {"student.pairs.1.teacher_model", "losses.2.teacher", "features.mode"} <= paths
+    assert {"student.pairs.1.teacher_model", "losses.2.teacher", "teachers.1.cache_uri"} <= paths
 
 
 def test_term_names_name_the_teacher_of_a_logit_term(tmp_path):
