@@ -8,7 +8,8 @@ PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 STAMP="$VENV/.kd-installed"
-WANT="$(cat "$HERE/pyproject.toml" "$HERE/scripts/setup.sh" | sha256sum | cut -c1-16)"
+EXTRAS="${KD_EXTRAS-test}"  # `make test` installs the test extra; `make demo` (KD_EXTRAS=) only what kd runs on
+WANT="$( (cat "$HERE/pyproject.toml" "$HERE/scripts/setup.sh"; echo "extras=$EXTRAS") | sha256sum | cut -c1-16)"
 
 if [[ "$VENV" == "system" ]]; then
   # Install into the interpreter on PATH (container images that already ship Python and Ray).
@@ -35,11 +36,11 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "${PIP[@]}" "${KD_TORCH_SPEC:-torch==2.13.0}" ${KD_TORCH_INDEX:+--index-url "$KD_TORCH_INDEX"}
   fi
 fi
-if [[ "${KD_EXTRAS-test}" == "" ]]; then
+if [[ "$EXTRAS" == "" ]]; then
   echo "kd setup: installing kd"
   "${PIP[@]}" ${KD_EDITABLE--e} "$HERE"
 else
-  echo "kd setup: installing kd with extras [${KD_EXTRAS-test}]"
-  "${PIP[@]}" ${KD_EDITABLE--e} "$HERE[${KD_EXTRAS-test}]"
+  echo "kd setup: installing kd with extras [$EXTRAS]"
+  "${PIP[@]}" ${KD_EDITABLE--e} "$HERE[$EXTRAS]"
 fi
 echo "$WANT" > "$STAMP"
