@@ -71,6 +71,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=bench_e2e)
 
+    b = bsub.add_parser("scale", help="the same cache-mode job on N and 4N image rows: peak memory per process kind "
+                        "and throughput",
+                        description="Generate N and 4N PNG rows in Parquet (by default 4N = 44,000 rows of 3x128x128, "
+                        "8.65 GB decoded), run the same cache-mode job on each as a `kd run` subprocess (teacher "
+                        "deployment fills the cache, 2 Ray Train workers, 1 epoch, random resized crops + flips) while "
+                        "sampling every process's resident memory, and report the peak per process kind, the largest "
+                        "4N/N ratio (target <= 1.15) and the cache build's and the epoch's rows/s 4N vs N (target "
+                        ">= 0.9). Takes ~10-15 minutes at the defaults on 2 cores.")
+    b.add_argument("--rows", type=int, default=11_000, help="N (default 11000; 4N rows are generated)")
+    b.add_argument("--image-size", type=int, default=128, help="image side in pixels (default 128)")
+    b.add_argument("--epochs", type=int, default=1, help="student epochs (default 1; with more, the first is not timed)")
+    b.add_argument("--workdir", default=None, help="where datasets, caches, runs and logs go (default: a temp dir); "
+                   "datasets already there are reused")
+    b.add_argument("--keep", action="store_true", help="keep the caches and runs (and a temp workdir, with the logs)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=bench_scale)
+
+    b = bsub.add_parser("input", help="student input rows/s through Ray Data vs a single-process loop; cache build "
+                        "rows/s vs the teacher forward and input limits",
+                        description="On generated PNG rows in Parquet: rows/s of the job's Ray Data training pipeline "
+                        "(cache chunks joined with their input rows, decode + augment replay in map_batches), iterated "
+                        "to the end, vs the same decode + augment in a tight single-process loop scaled to "
+                        "min(decode tasks, cores) (target >= 0.8); and the cache build through the teacher "
+                        "deployment vs min(teacher forward, input) rows/s measured in-process on the same inputs and "
+                        "cores (target >= 0.8).")
+    b.add_argument("--rows", type=int, default=4096, help="dataset rows (default 4096; 2 views each)")
+    b.add_argument("--image-size", type=int, default=128, help="image side in pixels (default 128)")
+    b.add_argument("--repeats", type=int, default=3, help="timed epochs of each side (default 3; medians)")
+    b.add_argument("--workdir", default=None, help="where the dataset and cache go (default: a temp dir)")
+    b.add_argument("--keep", action="store_true", help="keep the cache (and a temp workdir)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=bench_input)
+
 
 def bench_losses(args: argparse.Namespace) -> int:
     from services.bench.losses import run, run_terms, term_lines
@@ -175,4 +208,40 @@ def bench_serve(args: argparse.Namespace) -> int:
     print(_ratio_line("stream / direct", r["ratio_stream"], "", ">= 0.9"))
     print(_ratio_line("single / no-op ceiling", r["ratio_single_to_ceiling"], "", ">= 0.8"))
     print(f"  bytes per sample: raw {r['bytes_per_sample_raw']:,}, projected {r['bytes_per_sample_projected']:,}")
+    return 0
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+
+
+def bench_scale(args: argparse.Namespace) -> int:
+    from services.bench.scale import lines, run
+
+    _positive(args, "rows", "image_size", "epochs")
+    if args.image_size < 16:
+        raise UserError(f"--image-size must be >= 16 (the models stride by 4, then pool), got {args.image_size}")
+    r = run(rows=args.rows, image_size=args.image_size, workdir=args.workdir, keep=args.keep, epochs=args.epochs,
+            log=None if args.json else print)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print("\n".join(lines(r)))
+    return 0
+
+
+def bench_input(args: argparse.Namespace) -> int:
+    from services.bench.input import lines, run
+
+    _positive(args, "rows", "image_size", "repeats")
+    if args.image_size < 16:
+        raise UserError(f"--image-size must be >= 16 (the models stride by 4, then pool), got {args.image_size}")
+    r = run(rows=args.rows, image_size=args.image_size, workdir=args.workdir, keep=args.keep, repeats=args.repeats,
+            log=None if args.json else print)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print("\n".join(lines(r)))
     return 0

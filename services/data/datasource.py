@@ -60,8 +60,12 @@ class CacheRowsDatasource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
+        """One task per chunk, in a new random order at each call: Ray Data plans every execution (each epoch
+        of a Train run) again, so this is the per-epoch chunk shuffle. (``randomize_block_order`` would do it
+        too, but in Ray 2.60 it waits for every read to finish before the first decode, so every chunk's stored
+        rows would sit in the object store at once: memory growing with the dataset.)"""
         tasks = []
-        for i in self.chunks:
+        for i in np.random.default_rng().permutation(self.chunks).tolist():
             a, b = self.bounds[i]
             meta = BlockMetadata(num_rows=b - a, size_bytes=int((b - a) * self.row_bytes), input_files=None,
                                  exec_stats=None)
@@ -76,7 +80,11 @@ class CacheRowsDatasource(Datasource):
         first, last = int(split.train_rows[samples[0]]), int(split.train_rows[samples[-1]]) + 1
         raw = split.reader.fetch(first, last)
         pick = split.train_rows[samples] - first
-        raw = raw_column([raw[j] for j in pick.tolist()] if isinstance(raw, list) else np.asarray(raw)[pick])
+        if isinstance(raw, list):  # encoded rows travel once per sample: DecodeInputs decodes its first row
+            once = np.r_[True, samples[1:] != samples[:-1]]  # a sample's views are adjacent
+            raw = raw_column([raw[j] if keep else b"" for j, keep in zip(pick.tolist(), once.tolist())])
+        else:
+            raw = raw_column(np.asarray(raw)[pick])
         block: dict[str, np.ndarray] = {"row": np.arange(a, b, dtype=np.int64), "sample": samples, "view": views,
                                         RAW: raw}
         for name, uri in self.caches:

@@ -1,7 +1,8 @@
 """The job's Ray Data pipelines.
 
-``cache_training_dataset``: cache chunks (in a new random order each epoch) joined with their input rows,
-decoded and augmented by a bounded number of Ray tasks; Ray Train splits it across the workers
+``cache_training_dataset``: cache chunks (in a new random order each epoch, ``CacheRowsDatasource.get_read_tasks``)
+joined with their input rows, decoded and augmented by a bounded number of Ray tasks, each read fused with its
+decode (no barrier between them); Ray Train splits it across the workers
 (``streaming_split``, equal shares), each worker consumes its shard with a local shuffle buffer. Memory is
 bounded by Ray Data's streaming executor (a few blocks in flight per operator), not by the dataset.
 """
@@ -48,6 +49,5 @@ def cache_training_dataset(job: JobSpec, job_json: dict[str, Any] | None = None)
     n = decode_tasks(job)
     ds = ray.data.read_datasource(source, override_num_blocks=len(source.chunks), num_cpus=0,
                                   compute=ray.data.TaskPoolStrategy(size=n))
-    ds = ds.randomize_block_order()
     return ds.map_batches(decode_inputs, fn_kwargs={"job_json": job_json}, batch_size=None, batch_format="numpy",
                           num_cpus=0, compute=ray.data.TaskPoolStrategy(size=n), zero_copy_batch=False)

@@ -58,6 +58,25 @@ def test_a_block_decodes_to_the_inputs_the_teacher_saw(cached_job):
     assert np.allclose(rows["f.embed"], teacher["embed"].numpy(), atol=1e-2)  # fp16 cache of the same forward
 
 
+def test_each_planning_reads_every_chunk_once_in_a_new_order_and_bytes_once_per_sample(cached_job):
+    from ray.data.block import BlockAccessor
+
+    from services.data.datasource import CacheRowsDatasource
+
+    job, split, _ = cached_job
+    source = CacheRowsDatasource(job.model_dump(mode="json"), job.features.cache.uri)
+    orders = []
+    for _ in range(3):  # Ray Data plans each execution (epoch) again: a new chunk order each time
+        order = [BlockAccessor.for_block(next(iter(t()))).to_numpy()["row"][0] // 100 for t in source.get_read_tasks(4)]
+        assert sorted(order) == source.chunks
+        orders.append(order)
+    assert len({tuple(o) for o in orders}) > 1
+    block = BlockAccessor.for_block(source.read_block(2)).to_numpy()  # rows 200-299: samples 66 (views 2) .. 99
+    sizes = [len(b) for b in block["raw"]]
+    first = np.r_[True, block["sample"][1:] != block["sample"][:-1]]
+    assert all(n > 0 for n in np.asarray(sizes)[first]) and not any(np.asarray(sizes)[~first])
+
+
 def test_a_corrupted_chunk_stops_the_block_naming_it(cached_job):
     from services.data.datasource import CacheRowsDatasource
 
