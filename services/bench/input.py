@@ -35,13 +35,11 @@ alternating with the timed epochs: ``limit = input_rows_per_s x min(k, cores)``;
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import statistics
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -67,25 +65,6 @@ def _one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def _quiet_ray_data() -> Iterator[None]:
-    """No progress bars or 'Starting execution' lines from the timed executions."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    bars, logger = ctx.enable_progress_bars, logging.getLogger("ray.data")
-    level = logger.level
-    ctx.enable_progress_bars = False
-    logger.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():  # "concurrency limit ... only received N input(s)" on small datasets
-            warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
-            yield
-    finally:
-        ctx.enable_progress_bars = bars
-        logger.setLevel(level)
 
 
 class TightLoop:
@@ -223,6 +202,7 @@ def run(rows: int = 4096, image_size: int = 128, workdir: str | os.PathLike | No
 
             started = ray_session(job.ray, log=None)
             started.__enter__()
+        from services.data.context import quiet_ray_data
         from services.data.pipeline import cache_training_dataset, decode_tasks
         from services.jobs.cache_build import ensure_cache
 
@@ -230,7 +210,7 @@ def run(rows: int = 4096, image_size: int = 128, workdir: str | os.PathLike | No
         out.update(replicas=serve.replicas, cpus_per_replica=serve.num_cpus, decode_tasks=decode_tasks(job))
         say(f"  building the cache ({rows * views:,} rows) through the teacher deployment ...")
         t0 = time.perf_counter()
-        with _quiet_ray_data():
+        with quiet_ray_data():
             info = ensure_cache(job, split, log=None)
         out["build_s_total"] = time.perf_counter() - t0
         assert not info.get("reused"), "the cache was reused; the bench needs a fresh build"
@@ -251,7 +231,7 @@ def run(rows: int = 4096, image_size: int = 128, workdir: str | os.PathLike | No
         say(f"  student input: Ray Data pipeline ({out['decode_tasks']} decode tasks) vs the tight loop, "
             f"{repeats} epochs each ...")
         ds = cache_training_dataset(job)
-        with _quiet_ray_data():
+        with quiet_ray_data():
             first = pipeline_epoch(ds, job, epoch=0)  # untimed: pooled workers start and import torch
             tight.epoch(sub[:2])  # warm the reader and the cache files
             pipe, loop = [], []

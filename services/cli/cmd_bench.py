@@ -217,31 +217,23 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
 
 
-def bench_scale(args: argparse.Namespace) -> int:
-    from services.bench.scale import lines, run
+def _image_bench(args: argparse.Namespace, module: str, count: str) -> int:
+    """``kd bench scale`` / ``kd bench input``: generated PNG rows, ``count`` the option beside rows and size."""
+    import importlib
 
-    _positive(args, "rows", "image_size", "epochs")
+    bench = importlib.import_module(module)
+    _positive(args, "rows", "image_size", count)
     if args.image_size < 16:
         raise UserError(f"--image-size must be >= 16 (the models stride by 4, then pool), got {args.image_size}")
-    r = run(rows=args.rows, image_size=args.image_size, workdir=args.workdir, keep=args.keep, epochs=args.epochs,
-            log=None if args.json else print)
-    if args.json:
-        print(json.dumps(r))
-        return 0
-    print("\n".join(lines(r)))
+    r = bench.run(rows=args.rows, image_size=args.image_size, workdir=args.workdir, keep=args.keep,
+                  log=None if args.json else print, **{count: getattr(args, count)})
+    print(json.dumps(r) if args.json else "\n".join(bench.lines(r)))
     return 0
+
+
+def bench_scale(args: argparse.Namespace) -> int:
+    return _image_bench(args, "services.bench.scale", "epochs")
 
 
 def bench_input(args: argparse.Namespace) -> int:
-    from services.bench.input import lines, run
-
-    _positive(args, "rows", "image_size", "repeats")
-    if args.image_size < 16:
-        raise UserError(f"--image-size must be >= 16 (the models stride by 4, then pool), got {args.image_size}")
-    r = run(rows=args.rows, image_size=args.image_size, workdir=args.workdir, keep=args.keep, repeats=args.repeats,
-            log=None if args.json else print)
-    if args.json:
-        print(json.dumps(r))
-        return 0
-    print("\n".join(lines(r)))
-    return 0
+    return _image_bench(args, "services.bench.input", "repeats")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import threading
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from kdcore.data.rows import RowMapper
 from kdcore.data.splits import DataSplit, make_split
@@ -37,3 +40,23 @@ def data_context(job_json: dict[str, Any]) -> DataContext:
             split = make_split(job.data)
             ctx = _CONTEXTS[key] = DataContext(job, split, RowMapper(split, job.data))
         return ctx
+
+
+@contextlib.contextmanager
+def quiet_ray_data() -> Iterator[None]:
+    """No progress bars, 'Starting execution' lines or small-dataset concurrency warnings from Ray Data in this
+    process (the cache build's many short executions, the benches' timed ones); restored on exit."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    bars, logger = ctx.enable_progress_bars, logging.getLogger("ray.data")
+    level = logger.level
+    ctx.enable_progress_bars = False
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():  # "concurrency limit ... only received N input(s)" on small datasets
+            warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
+            yield
+    finally:
+        ctx.enable_progress_bars = bars
+        logger.setLevel(level)

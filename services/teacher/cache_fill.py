@@ -9,17 +9,16 @@ in flight (two per replica: one forwards while the other's write finishes).
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from typing import Callable
 
 from kdcore.cache.build import Claims
 from kdcore.cache.writer import CacheWriter
 from kdcore.errors import CacheError
 from kdcore.spec.job import JobSpec
 from services.data.cache_feed import feed_dataset, kd_error_in
+from services.data.context import quiet_ray_data
 from services.data.pipeline import decode_tasks, uses_ray_data
 from services.teacher.lifecycle import teacher_app
 
@@ -64,7 +63,7 @@ class ReplicaExecutor:
                         self.rows_decoded["ray_data" if row["decoded_here"] else "replicas"] += int(row["rows"])
                     claims.done(int(row["chunk"]))
 
-        with teacher_app(job, log=self.log) as app, _quiet_ray_data():
+        with teacher_app(job, log=self.log) as app, quiet_ray_data():
             with ThreadPoolExecutor(WINDOWS_IN_FLIGHT, thread_name_prefix="kd-cache-window") as pool:
                 futures = [pool.submit(windows, app) for _ in range(WINDOWS_IN_FLIGHT)]
                 errors = []
@@ -81,20 +80,3 @@ class ReplicaExecutor:
             first = str(errors[0]).strip().splitlines()
             raise CacheError(f"building the cache at {spec.uri} failed: {type(errors[0]).__name__}: "
                              f"{first[-1] if first else ''}") from None
-
-
-@contextlib.contextmanager
-def _quiet_ray_data() -> Iterator[None]:
-    """No progress bars or per-execution log lines from the build's many short Ray Data executions."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    bars, logger = ctx.enable_progress_bars, logging.getLogger("ray.data")
-    level = logger.level
-    ctx.enable_progress_bars = False
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        ctx.enable_progress_bars = bars
-        logger.setLevel(level)
