@@ -203,7 +203,8 @@ def run(rows: int = 4096, image_size: int = 128, workdir: str | os.PathLike | No
             started = ray_session(job.ray, log=None)
             started.__enter__()
         from services.data.context import quiet_ray_data
-        from services.data.pipeline import cache_training_dataset, decode_tasks
+        from services.data.context import decode_tasks
+        from services.data.pipeline import cache_training_dataset
         from services.jobs.cache_build import ensure_cache
 
         serve = job.teacher.serve

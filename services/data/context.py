@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -60,3 +61,20 @@ def quiet_ray_data() -> Iterator[None]:
     finally:
         ctx.enable_progress_bars = bars
         logger.setLevel(level)
+
+
+FILE_SOURCES = ("parquet", "imagefolder", "npy_dir", "hf_disk")  # read lazily from files; the others are held in memory
+
+
+def uses_ray_data(job: JobSpec) -> bool:
+    """Whether the job's inputs go through Ray Data tasks (``features.cache.loader``; ``auto``: for datasets read
+    from files, where decoding is the work; an in-memory dataset is cheaper read where it is held). Decides both
+    the training workers' loader and who reads the cache build's inputs."""
+    loader = job.features.cache.loader
+    return loader == "ray_data" or (loader == "auto" and job.data.source.kind in FILE_SOURCES)
+
+
+def decode_tasks(job: JobSpec) -> int:
+    """Concurrent read and decode tasks: ``features.cache.decode_workers`` if set, else 2 (they share the
+    node's cores with training; each is a Ray worker process with its own torch)."""
+    return job.features.cache.decode_workers or max(1, min(2, os.cpu_count() or 2))

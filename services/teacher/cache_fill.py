@@ -19,7 +19,7 @@ from kdcore.errors import CacheError
 from kdcore.spec.job import JobSpec
 from services.data.cache_feed import feed_dataset, kd_error_in
 from services.data.context import quiet_ray_data
-from services.data.pipeline import decode_tasks, uses_ray_data
+from services.data.context import decode_tasks, uses_ray_data
 from services.teacher.lifecycle import teacher_app
 
 WINDOWS_IN_FLIGHT = 2

@@ -14,7 +14,7 @@ from kdcore.checkpoints import student_from_checkpoint
 from kdcore.loop import load_split, run_dir, teacher_shapes_of
 from kdcore.spec.job import JobSpec
 from kdcore.spec.paths import resolve_paths
-from services.data.pipeline import uses_ray_data
+from services.data.context import uses_ray_data
 from services.membank.actor import create_bank_actor
 from services.trainer.report import write_report
 from services.trainer.worker import train_loop_per_worker
