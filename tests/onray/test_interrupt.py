@@ -58,7 +58,10 @@ def test_sigint_during_training_exits_130_and_leaves_nothing_running(digits_job,
     log = tmp_path / "kd.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([str(VENV_BIN / "kd"), "run", str(spec)], env=env, stdout=f, stderr=subprocess.STDOUT,
-                                cwd=tmp_path, start_new_session=True)
+                                cwd=tmp_path, start_new_session=True,
+                                # a shell running the suite in the background ignores SIGINT, and children inherit
+                                # that: give kd the default disposition a terminal's Ctrl-C meets
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for_text(log, "training on Ray Train", proc, timeout=240)
         events = tmp_path / "runs" / "interrupted" / "metrics.json"
