@@ -31,7 +31,7 @@ from kdcore.data.splits import DataSplit
 from kdcore.errors import DataError, TeacherError, UserError
 from kdcore.feed import Batch, epoch_rows, epoch_views, read_group
 from kdcore.spec.job import JobSpec
-from kdcore.teacher import LOGITS
+from kdcore.teacher import LOGITS, prefixed
 from services.teacher.core import NonFiniteOutputError, split_fingerprint
 from services.teacher.wire import to_tensor
 
@@ -220,9 +220,6 @@ class TeacherStreams:
     merged under ``"<teacher>/<key>"``. The student inputs are read once, by the first stream."""
 
     def __init__(self, job: JobSpec, split: DataSplit, apps: dict[str, Any], **kwargs: Any) -> None:
-        from kdcore.teacher import prefixed
-
-        self._prefixed = prefixed
         self.streams = {name: StreamFeatures(job.for_teacher(name), split, apps[name], student_inputs=k == 0, **kwargs)
                         for k, name in enumerate(job.teacher_names())}
 
@@ -238,7 +235,7 @@ class TeacherStreams:
                 if not torch.equal(b.idx, first.idx):
                     raise TeacherError(f"the streams of teachers {names[0]!r} and {name!r} answered for different "
                                        "rows; do both deployments serve this job's split?")
-                teacher.update(self._prefixed(name, b.teacher))
+                teacher.update(prefixed(name, b.teacher))
             yield Batch(x=first.x, y=first.y, labeled=first.labeled, idx=first.idx, teacher=teacher)
 
     def close(self) -> None:
