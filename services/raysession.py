@@ -53,8 +53,10 @@ def init_kwargs(spec: RaySpec, address: str | None = None) -> tuple[dict, str]:
         kwargs["address"] = target
         return kwargs, f"[kd] connecting to Ray at {target}"
     # workers import the project like this process does (an uninstalled checkout works too)
-    kwargs["runtime_env"]["env_vars"]["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = kwargs["runtime_env"]["env_vars"]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    # nothing drains a private node: no preemption-watcher actor per Ray Train run (a process start each)
+    env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     kwargs.update(address="local", num_cpus=spec.num_cpus, include_dashboard=False)
     return kwargs, "[kd] starting a private local Ray"
 

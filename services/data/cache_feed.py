@@ -39,10 +39,12 @@ def feed_chunks(batch: dict[str, np.ndarray], job_json: dict[str, Any] | None, a
     """``{chunk, start, stop}`` rows -> ``{chunk, rows, replica, decoded_here}``: each chunk's inputs, written by
     a replica.
     ``job_json=None``: the replica reads the inputs itself (datasets held in memory, which every replica holds)."""
-    import torch
+    mapper = None
+    if job_json is not None:  # a Ray Data task decoding: one thread (its pool runs ``tasks`` of them)
+        import torch
 
-    torch.set_num_threads(1)
-    mapper = data_context(job_json).mapper if job_json is not None else None
+        torch.set_num_threads(1)
+        mapper = data_context(job_json).mapper
     with_aug = manifest.get("aug_params", 0) > 0
     out: dict[str, list] = {"chunk": [], "rows": [], "replica": [], "decoded_here": []}
     for i, start, stop in zip(batch["chunk"].tolist(), batch["start"].tolist(), batch["stop"].tolist()):

@@ -3,23 +3,27 @@ inputs come from Ray Data tasks and whose replicas only forward and write whole 
 
 The executor leases chunks a window at a time (``Claims.take``: concurrent builders of one cache share the work
 window by window) and runs each window through ``services.data.cache_feed.feed_dataset``. Two windows are in
-flight, so the replicas never wait while the next window's pipeline starts; within a window ``tasks`` chunks are
-in flight (two per replica: one forwards while the other's write finishes).
+flight, so the replicas never wait while the next window's pipeline starts; ``tasks`` chunks are in flight between
+them (two per replica: one forwards while the other's write finishes). A dataset held in memory is read by the
+replicas themselves: there is nothing to decode off their node, so the chunks are sent from threads here
+(``feed_chunks`` without a job), with no Ray Data pipeline to start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Iterator
+
+import numpy as np
 
 from kdcore.cache.build import Claims
 from kdcore.cache.writer import CacheWriter
 from kdcore.errors import CacheError
 from kdcore.spec.job import JobSpec
-from services.data.cache_feed import feed_dataset, kd_error_in
-from services.data.context import quiet_ray_data
-from services.data.context import decode_tasks, uses_ray_data
+from services.data.cache_feed import feed_chunks, feed_dataset, kd_error_in
+from services.data.context import decode_tasks, quiet_ray_data, uses_ray_data
 from services.teacher.lifecycle import teacher_app
 
 WINDOWS_IN_FLIGHT = 2
@@ -37,7 +41,8 @@ class ReplicaExecutor:
         self._count = threading.Lock()
 
     def tasks(self) -> int:
-        """Chunks in flight in one window: two per replica, at least the job's decode tasks."""
+        """Chunks in flight in all: two per replica, at least the job's decode tasks (split between the
+        windows in flight, so a window's tail and the next one's start together keep about this many)."""
         serve = self.job.teacher.serve
         replicas = serve.replicas if serve.autoscaling is None else serve.autoscaling.max_replicas
         return max(2 * replicas, decode_tasks(self.job))
@@ -48,6 +53,7 @@ class ReplicaExecutor:
         job_json = job.model_dump(mode="json") if uses_ray_data(job) else None
         tasks = self.tasks()
         window = self.window or 2 * tasks
+        tasks = -(-tasks // WINDOWS_IN_FLIGHT)  # per window
         failed = threading.Event()
 
         def windows(app: str) -> None:
@@ -56,14 +62,19 @@ class ReplicaExecutor:
                 if not got:
                     return
                 bounds = [(i, *cache.chunk_bounds(i)) for i in got]
-                ds = feed_dataset(job_json, app, spec.uri, manifest, spec.s3_endpoint, bounds, tasks, self.retries)
-                for row in ds.iter_rows():
+                if job_json is None:
+                    rows = self._sent_from_here(app, spec, manifest, bounds, tasks)
+                else:
+                    rows = feed_dataset(job_json, app, spec.uri, manifest, spec.s3_endpoint, bounds, tasks,
+                                        self.retries).iter_rows()
+                for row in rows:
                     with self._count:
                         self.per_replica[row["replica"]] = self.per_replica.get(row["replica"], 0) + 1
                         self.rows_decoded["ray_data" if row["decoded_here"] else "replicas"] += int(row["rows"])
                     claims.done(int(row["chunk"]))
 
-        with teacher_app(job, log=self.log) as app, quiet_ray_data():
+        quiet = quiet_ray_data() if job_json is not None else contextlib.nullcontext()
+        with teacher_app(job, log=self.log) as app, quiet:
             with ThreadPoolExecutor(WINDOWS_IN_FLIGHT, thread_name_prefix="kd-cache-window") as pool:
                 futures = [pool.submit(windows, app) for _ in range(WINDOWS_IN_FLIGHT)]
                 errors = []
@@ -80,3 +91,15 @@ class ReplicaExecutor:
             first = str(errors[0]).strip().splitlines()
             raise CacheError(f"building the cache at {spec.uri} failed: {type(errors[0]).__name__}: "
                              f"{first[-1] if first else ''}") from None
+
+    def _sent_from_here(self, app: str, spec, manifest: dict, bounds: list[tuple[int, int, int]],
+                        tasks: int) -> Iterator[dict]:
+        """``feed_dataset``'s rows for a dataset the replicas read themselves: ``tasks`` chunks in flight from
+        threads of this process."""
+        def one(b: tuple[int, int, int]) -> dict:
+            batch = {"chunk": np.asarray([b[0]]), "start": np.asarray([b[1]]), "stop": np.asarray([b[2]])}
+            out = feed_chunks(batch, None, app, spec.uri, manifest, spec.s3_endpoint, self.retries)
+            return {k: v[0] for k, v in out.items()}
+
+        with ThreadPoolExecutor(max(1, tasks), thread_name_prefix="kd-cache-chunk") as pool:
+            yield from pool.map(one, bounds)

@@ -130,3 +130,35 @@ def test_split_blocks_keep_training_rows_in_source_order_and_eval_source_wins(tm
     assert [len(b[1]) for b in batches] == [50, 50, 20]
     # the statistics came from a bounded sample, not the whole dataset
     assert 0.0 < both.norm.mean[0] < 1.0
+
+
+def test_builtin_digits_equal_scikit_learns_without_importing_it():
+    """The built-in source reads the CSV scikit-learn ships (no sklearn import in every worker): same rows."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from kdcore.data.readers import digits_arrays
+
+    x, y = digits_arrays()
+    d = load_digits()
+    assert x.shape == (1797, 1, 8, 8) and np.array_equal(x, d.images[:, None] / 16.0)
+    assert np.array_equal(y, d.target)
+    code = "import sys; from kdcore.data.readers import digits_arrays; digits_arrays(); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_private_local_ray_runs_without_the_preemption_watcher(monkeypatch):
+    """Nothing drains a private node: kd's local Ray saves Ray Train's watcher actor unless the user asks."""
+    from kdcore.spec.job import RaySpec
+    from services.raysession import init_kwargs
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    kwargs, _ = init_kwargs(RaySpec())
+    assert kwargs["address"] == "local"
+    assert kwargs["runtime_env"]["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    assert init_kwargs(RaySpec())[0]["runtime_env"]["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"

@@ -11,10 +11,28 @@ from kdcore.errors import DataError
 
 
 def _digits(spec) -> RowReader:
-    from sklearn.datasets import load_digits
+    x, y = digits_arrays()
+    return ArrayReader(x, y, "sklearn_digits")
 
-    d = load_digits()
-    return ArrayReader(d.images[:, None, :, :] / 16.0, d.target, "sklearn_digits")
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as ``(N, 1, 8, 8)`` floats in [0, 1] and int labels, read from the CSV the package
+    ships without importing scikit-learn (which costs each Ray worker ~2 s of CPU); ``load_digits`` otherwise."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sklearn")
+    csv = Path(next(iter(spec.submodule_search_locations or [""]))) / "datasets" / "data" / "digits.csv.gz" \
+        if spec is not None else None
+    if csv is not None and csv.is_file():
+        data = np.loadtxt(csv, delimiter=",")
+        images, target = data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+    else:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        images, target = d.images, d.target
+    return images[:, None, :, :] / 16.0, target
 
 
 def _npz(spec) -> RowReader:
