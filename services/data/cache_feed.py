@@ -2,7 +2,8 @@
 and each whole chunk goes to the teacher deployment, whose replicas only run the forward and write it.
 
 ``feed_dataset(...)`` maps a list of leased chunks to ``{chunk, rows, replica, decoded_here}`` rows, one per
-chunk written.
+chunk written; ``send_chunk`` is one chunk's call, which the build also makes from its own threads for datasets
+the replicas read themselves.
 Each task makes one contiguous read of its chunk's training rows (``RowMapper.cache_rows``: decode, normalise,
 augment with the seeded parameters), sends the inputs and their augmentation parameters to the replica's
 ``write_chunk`` and waits for it. The tasks ask for no logical CPU (Ray Train and the replicas hold theirs)
@@ -34,48 +35,50 @@ def _handle(app: str):
     return _HANDLES[app]
 
 
-def feed_chunks(batch: dict[str, np.ndarray], job_json: dict[str, Any] | None, app: str, uri: str, manifest: dict,
+def send_chunk(app: str, uri: str, manifest: dict, chunk: int, start: int, stop: int, s3_endpoint: str | None,
+               retries: int, mapper=None) -> dict[str, Any]:
+    """Has a replica of ``app`` write cache chunk ``chunk`` (training rows ``start:stop``) and waits for it:
+    ``{chunk, rows, replica, decoded_here}``. With a ``RowMapper`` the inputs are decoded and augmented here and
+    sent along; without one the replica reads them itself (datasets held in memory, which every replica holds).
+    A call whose replica died is sent again, up to ``retries`` times."""
+    x = aug = None
+    if mapper is not None:
+        got = mapper.cache_rows(start, stop)
+        x, aug = got.x, (got.params if manifest.get("aug_params", 0) > 0 else None)
+    for attempt in range(retries + 1):
+        try:
+            r = _handle(app).write_chunk.remote(uri, manifest, chunk, x, aug, 1 + chunk, s3_endpoint).result()
+            break
+        except KDError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the replica died mid-call: send the chunk again
+            if attempt == retries:
+                first = str(e).splitlines()[0] if str(e) else ""
+                raise RuntimeError(f"cache chunk {chunk} failed {retries + 1} times; last error: "
+                                   f"{type(e).__name__}: {first}") from None
+            time.sleep(min(2.0 ** attempt, 10.0))  # until Serve's router has dropped the dead replica
+    return {"chunk": chunk, "rows": stop - start, "replica": r["replica"], "decoded_here": x is not None}
+
+
+def feed_chunks(batch: dict[str, np.ndarray], job_json: dict[str, Any], app: str, uri: str, manifest: dict,
                 s3_endpoint: str | None, retries: int) -> dict[str, np.ndarray]:
-    """``{chunk, start, stop}`` rows -> ``{chunk, rows, replica, decoded_here}``: each chunk's inputs, written by
-    a replica.
-    ``job_json=None``: the replica reads the inputs itself (datasets held in memory, which every replica holds)."""
-    mapper = None
-    if job_json is not None:  # a Ray Data task decoding: one thread (its pool runs ``tasks`` of them)
-        import torch
+    """Ray Data ``map_batches`` function: ``{chunk, start, stop}`` rows -> ``{chunk, rows, replica,
+    decoded_here}``, each chunk's inputs decoded in this task and written by a replica."""
+    import torch
 
-        torch.set_num_threads(1)
-        mapper = data_context(job_json).mapper
-    with_aug = manifest.get("aug_params", 0) > 0
-    out: dict[str, list] = {"chunk": [], "rows": [], "replica": [], "decoded_here": []}
-    for i, start, stop in zip(batch["chunk"].tolist(), batch["start"].tolist(), batch["stop"].tolist()):
-        x = aug = None
-        if mapper is not None:
-            got = mapper.cache_rows(start, stop)
-            x, aug = got.x, (got.params if with_aug else None)
-        for attempt in range(retries + 1):
-            try:
-                r = _handle(app).write_chunk.remote(uri, manifest, i, x, aug, 1 + i, s3_endpoint).result()
-                break
-            except KDError:
-                raise
-            except Exception as e:  # noqa: BLE001 - the replica died mid-call: send the chunk again
-                if attempt == retries:
-                    first = str(e).splitlines()[0] if str(e) else ""
-                    raise RuntimeError(f"cache chunk {i} failed {retries + 1} times; last error: "
-                                       f"{type(e).__name__}: {first}") from None
-                time.sleep(min(2.0 ** attempt, 10.0))  # until Serve's router has dropped the dead replica
-        out["chunk"].append(i)
-        out["rows"].append(stop - start)
-        out["replica"].append(r["replica"])
-        out["decoded_here"].append(x is not None)
-    return {"chunk": np.asarray(out["chunk"], np.int64), "rows": np.asarray(out["rows"], np.int64),
-            "replica": np.asarray(out["replica"], dtype=object), "decoded_here": np.asarray(out["decoded_here"])}
+    torch.set_num_threads(1)  # its pool runs ``tasks`` of them
+    mapper = data_context(job_json).mapper
+    out = [send_chunk(app, uri, manifest, i, a, b, s3_endpoint, retries, mapper)
+           for i, a, b in zip(batch["chunk"].tolist(), batch["start"].tolist(), batch["stop"].tolist())]
+    return {"chunk": np.asarray([o["chunk"] for o in out], np.int64),
+            "rows": np.asarray([o["rows"] for o in out], np.int64),
+            "replica": np.asarray([o["replica"] for o in out], dtype=object),
+            "decoded_here": np.asarray([o["decoded_here"] for o in out])}
 
 
-def feed_dataset(job_json: dict[str, Any] | None, app: str, uri: str, manifest: dict, s3_endpoint: str | None,
+def feed_dataset(job_json: dict[str, Any], app: str, uri: str, manifest: dict, s3_endpoint: str | None,
                  bounds: list[tuple[int, int, int]], tasks: int, retries: int = 3):
-    """The Ray Data pipeline writing chunks ``bounds`` = [(chunk, start_row, stop_row)] with ``tasks`` at once
-    (``job_json=None``: the replicas read the inputs)."""
+    """The Ray Data pipeline writing chunks ``bounds`` = [(chunk, start_row, stop_row)] with ``tasks`` at once."""
     import ray.data
 
     items = [{"chunk": i, "start": a, "stop": b} for i, a, b in bounds]

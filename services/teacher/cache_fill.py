@@ -6,7 +6,7 @@ window by window) and runs each window through ``services.data.cache_feed.feed_d
 flight, so the replicas never wait while the next window's pipeline starts; ``tasks`` chunks are in flight between
 them (two per replica: one forwards while the other's write finishes). A dataset held in memory is read by the
 replicas themselves: there is nothing to decode off their node, so the chunks are sent from threads here
-(``feed_chunks`` without a job), with no Ray Data pipeline to start.
+(``send_chunk`` without a row mapper), with no Ray Data pipeline to start.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
-import numpy as np
-
 from kdcore.cache.build import Claims
 from kdcore.cache.writer import CacheWriter
 from kdcore.errors import CacheError
 from kdcore.spec.job import JobSpec
-from services.data.cache_feed import feed_chunks, feed_dataset, kd_error_in
+from services.data.cache_feed import feed_dataset, kd_error_in, send_chunk
 from services.data.context import decode_tasks, quiet_ray_data, uses_ray_data
 from services.teacher.lifecycle import teacher_app
 
@@ -51,9 +49,8 @@ class ReplicaExecutor:
         job, spec = self.job, self.job.features.cache
         manifest = cache.manifest.to_dict()
         job_json = job.model_dump(mode="json") if uses_ray_data(job) else None
-        tasks = self.tasks()
-        window = self.window or 2 * tasks
-        tasks = -(-tasks // WINDOWS_IN_FLIGHT)  # per window
+        window = self.window or 2 * self.tasks()
+        per_window = -(-self.tasks() // WINDOWS_IN_FLIGHT)
         failed = threading.Event()
 
         def windows(app: str) -> None:
@@ -63,9 +60,9 @@ class ReplicaExecutor:
                     return
                 bounds = [(i, *cache.chunk_bounds(i)) for i in got]
                 if job_json is None:
-                    rows = self._sent_from_here(app, spec, manifest, bounds, tasks)
+                    rows = self._sent_from_here(app, spec, manifest, bounds, per_window)
                 else:
-                    rows = feed_dataset(job_json, app, spec.uri, manifest, spec.s3_endpoint, bounds, tasks,
+                    rows = feed_dataset(job_json, app, spec.uri, manifest, spec.s3_endpoint, bounds, per_window,
                                         self.retries).iter_rows()
                 for row in rows:
                     with self._count:
@@ -96,10 +93,6 @@ class ReplicaExecutor:
                         tasks: int) -> Iterator[dict]:
         """``feed_dataset``'s rows for a dataset the replicas read themselves: ``tasks`` chunks in flight from
         threads of this process."""
-        def one(b: tuple[int, int, int]) -> dict:
-            batch = {"chunk": np.asarray([b[0]]), "start": np.asarray([b[1]]), "stop": np.asarray([b[2]])}
-            out = feed_chunks(batch, None, app, spec.uri, manifest, spec.s3_endpoint, self.retries)
-            return {k: v[0] for k, v in out.items()}
-
         with ThreadPoolExecutor(max(1, tasks), thread_name_prefix="kd-cache-chunk") as pool:
-            yield from pool.map(one, bounds)
+            yield from pool.map(lambda b: send_chunk(app, spec.uri, manifest, *b, spec.s3_endpoint, self.retries),
+                                bounds)

@@ -21,9 +21,9 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.find_spec("sklearn")
-    csv = Path(next(iter(spec.submodule_search_locations or [""]))) / "datasets" / "data" / "digits.csv.gz" \
-        if spec is not None else None
+    spec = importlib.util.find_spec("sklearn")  # where the package is, without importing it
+    where = spec.submodule_search_locations if spec is not None else None
+    csv = Path(where[0], "datasets", "data", "digits.csv.gz") if where else None
     if csv is not None and csv.is_file():
         data = np.loadtxt(csv, delimiter=",")
         images, target = data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
