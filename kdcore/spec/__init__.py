@@ -6,7 +6,8 @@ Public entry points: :class:`JobSpec` (``JobSpec.from_yaml(path)``) and the part
 from kdcore.spec.base import Spec
 from kdcore.spec.data import AugmentSpec, DataSpec, FactoryData, ImageFolderData, NpzData, ParquetData, SklearnDigits
 from kdcore.spec.features import CacheSpec, FeaturesSpec, StreamSpec
-from kdcore.spec.job import JobSpec, OutputSpec, RaySpec, cross_field_problems
+from kdcore.spec.checks import cross_field_problems
+from kdcore.spec.job import JobSpec, OutputSpec, RaySpec
 from kdcore.spec.loading import load_yaml, validate_model
 from kdcore.spec.losses import (
     ATLossSpec, CELossSpec, CosineLossSpec, CRDLossSpec, CRDParams, DISTLossSpec, DKDLossSpec, HintLossSpec,

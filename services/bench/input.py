@@ -8,7 +8,7 @@ process already has.
 
 **Build.** The cache is built the real way, ``services.jobs.cache_build.ensure_cache`` on Ray (the teacher
 deployment's replicas forward and write the chunks). Its rate ``build_rows_per_s`` is the steady state, taken
-from the chunks' done markers (``services.bench.scale.marker_build_rate``: between the first and the third
+from the chunks' done markers (``services.bench.imagejob.marker_build_rate``: between the first and the third
 quarter of the build; the teacher deployment's start-up is not counted, ``build_rows_per_s_total`` includes it). Its limits, measured in this process with one torch thread
 on the same inputs and scaled to the cores the build can use:
 
@@ -178,7 +178,7 @@ def run(rows: int = 4096, image_size: int = 128, workdir: str | os.PathLike | No
     from kdcore.loop import load_split
     from kdcore.spec.job import JobSpec
     from kdcore.spec.paths import resolve_paths
-    from services.bench.scale import decoded_gb, image_job, marker_build_rate, write_dataset
+    from services.bench.imagejob import decoded_gb, image_job, marker_build_rate, write_dataset
 
     own = workdir is None
     work = Path(tempfile.mkdtemp(prefix="kd-bench-input-") if own else workdir).resolve()

@@ -11,10 +11,10 @@ Ray Train workers and controller, the Ray Data tasks — is in the driver's proc
 teacher (width 16) served by its Serve deployment fills a local feature cache (``features.mode: cache``), then
 an ``image_cnn`` student (width 4) trains one epoch on 2 Ray Train workers through the Ray Data pipeline (cache
 chunks joined with their input rows, decoded and augmented by ``random_resized_crop`` + flip, 2 views).
-``services.bench.procmem`` samples the resident memory of every process of that tree twice a second. Kinds are
-procmem's, made finer here (``refine_kind``: Ray Data's split coordinator and system actors, Serve's controller
-and proxies, Train's helper actors, spill workers, Ray's agents are named instead of ``other``; only the tree's
-root is ``kd_driver``); an actor keeps its kind for life, pooled workers take the kind of the task they run.
+``services.bench.procmem`` samples the resident memory of every process of that tree twice a second, filed by
+process kind (the teacher replicas, Ray Train's workers, controller and helper actors, Ray Data's decode tasks,
+split coordinator and system actors, Serve's controller and proxies, spill workers, Ray's daemons and agents;
+only the tree's root is ``kd_driver``).
 
 Figures, per size:
 
@@ -50,217 +50,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from services.bench.procmem import PeakRSS
+from services.bench.imagejob import crop_of, decoded_gb, image_job, marker_build_rate, write_scale_datasets
+from services.bench.procmem import TreeSampler
 
-MODEL = "kdcore.zoo:image_cnn"
 RSS_MIN_MB = 50.0
 TARGETS = {"rss_growth": "<= 1.15", "throughput_ratio": ">= 0.9"}
 
 
-# -- datasets and the job spec (shared with ``kd bench input``) ------------------------------------------
-def decoded_gb(rows: int, image_size: int, channels: int = 3) -> float:
-    """Size of ``rows`` images decoded to float32 (C, H, W), in GB (1e9 bytes)."""
-    return rows * channels * image_size * image_size * 4 / 1e9
-
-
-def crop_of(image_size: int) -> int:
-    """The random_resized_crop output size used with ``image_size`` inputs (7/8 of it, as 224 of 256)."""
-    return max(8, (image_size * 7 // 8) // 4 * 4)
-
-
-def dataset_rows(path: str | Path) -> int:
-    """Rows of the Parquet files in directory ``path`` (from their footers)."""
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(Path(path).glob("*.parquet")))
-
-
-def write_dataset(root: str | Path, rows: int, image_size: int, shards: int = 1, seed: int = 0,
-                  rows_per_group: int = 256, log: Callable[[str], None] | None = None) -> Path:
-    """``rows`` PNG rows under ``root`` (write_parquet_images), reused when ``root`` already holds exactly them."""
-    from kdcore.data.synth import write_parquet_images
-
-    root = Path(root)
-    stamp = root / "dataset.json"
-    want = {"rows": rows, "image_size": image_size, "shards": shards, "seed": seed, "rows_per_group": rows_per_group}
-    if stamp.exists() and json.loads(stamp.read_text()) == want and dataset_rows(root) == rows:
-        return root
-    shutil.rmtree(root, ignore_errors=True)
-    if log:
-        log(f"  writing {rows:,} PNG rows of 3x{image_size}x{image_size} to {root} ({shards} shard(s))")
-    t0 = time.perf_counter()
-    write_parquet_images(root, rows, size=image_size, shards=shards, rows_per_group=rows_per_group, seed=seed)
-    stamp.write_text(json.dumps(want))
-    if log:
-        log(f"  written in {time.perf_counter() - t0:.0f} s")
-    return root
-
-
-def write_scale_datasets(work: Path, n: int, image_size: int, log=None) -> tuple[Path, Path, Path]:
-    """(N rows, 4N rows, eval rows) directories. 4N is written as four shards of exactly N rows each
-    (``linspace(0, 4N, 5)`` bounds are exact); N is a hard link (else a copy) of the first shard."""
-    big = write_dataset(work / "data-4n", 4 * n, image_size, shards=4, log=log)
-    small = work / "data-n"
-    first = big / "part-00000.parquet"
-    target = small / "part-00000.parquet"
-    if not (target.exists() and target.stat().st_ino == first.stat().st_ino):
-        shutil.rmtree(small, ignore_errors=True)
-        small.mkdir(parents=True)
-        try:
-            os.link(first, target)
-        except OSError:
-            shutil.copyfile(first, target)
-    got_n, got_4n = dataset_rows(small), dataset_rows(big)
-    if got_n != n or got_4n != 4 * n:
-        raise RuntimeError(f"dataset rows {got_n} and {got_4n}, expected {n} and {4 * n}")
-    ev = write_dataset(work / "data-eval", min(512, max(64, n // 4)), image_size, seed=1, log=log)
-    return small, big, ev
-
-
-def image_job(name: str, train_dir: str | Path, eval_dir: str | Path | None, work: str | Path, image_size: int, *,
-              views: int = 2, chunk_rows: int = 512, epochs: int = 1, workers: int = 2, batch_size: int = 64,
-              replicas: int | None = None, teacher_width: int = 16, student_width: int = 4) -> dict[str, Any]:
-    """The benches' cache-mode job on a Parquet image dataset (a dict for ``JobSpec.from_dict``)."""
-    def source(path) -> dict[str, Any]:
-        return {"kind": "parquet", "path": str(path), "image_column": "image", "label_column": "label",
-                "id_column": "id", "image_size": image_size, "num_classes": 10}
-
-    replicas = replicas or max(1, min(2, os.cpu_count() or 1))
-    data: dict[str, Any] = {"source": source(train_dir), "batch_size": batch_size, "views": views,
-                            "mean": [0.5] * 3, "std": [0.25] * 3,
-                            "augment": {"kind": "random_resized_crop", "size": crop_of(image_size), "flip": True}}
-    if eval_dir is not None:
-        data["eval"] = source(eval_dir)
-    work = Path(work)
-    return {
-        "name": name,
-        "teacher": {"model": {"kind": "factory", "target": MODEL, "kwargs": {"width": teacher_width, "stem_stride": 4}},
-                    "taps": ["embed"], "serve": {"replicas": replicas, "num_cpus": 1}},
-        "student": {"model": {"kind": "factory", "target": MODEL, "kwargs": {"width": student_width, "stem_stride": 4}},
-                    "pairs": [{"name": "feat", "student": "embed", "teacher": "embed"}]},
-        "losses": [{"kind": "ce"}, {"kind": "kd"}, {"kind": "hint", "pair": "feat"}],
-        "data": data,
-        "features": {"mode": "cache", "cache": {"uri": str(work / "cache" / name), "chunk_rows": chunk_rows}},
-        "train": {"epochs": epochs, "num_workers": workers, "optimizer": {"kind": "adam", "lr": 0.003}},
-        "output": {"dir": str(work / "runs")},
-    }
-
-
-def marker_build_rate(uri: str | Path, skip: int = 1, min_chunks: int = 8) -> tuple[float, int, float] | None:
-    """Steady-state build rate from a local cache's done markers (their mtimes): (rows/s, rows, seconds) between
-    the markers at the first and the third quarter of the build (at least ``skip`` markers in). Both ends lie in
-    the steady state, where as much work is in flight at one end as at the other, so the rows finished in
-    between are the work done in between; the start-up before the first chunk and the drain at the end are left
-    out. None with fewer than ``min_chunks`` markers."""
-    done = Path(uri) / "kd_done"
-    marks = []
-    for p in done.glob("*.json"):
-        try:
-            m = json.loads(p.read_text())
-            marks.append((p.stat().st_mtime, int(m["row_stop"]) - int(m["row_start"])))
-        except (OSError, ValueError, KeyError):
-            continue
-    marks.sort()
-    n = len(marks)
-    if n < max(min_chunks, 2):
-        return None
-    k = max(skip, n // 4) - 1
-    m = max(k + 1, (3 * n) // 4)
-    rows = sum(r for _, r in marks[k + 1:m + 1])
-    dt = marks[m][0] - marks[k][0]
-    if dt <= 0:
-        return None
-    return rows / dt, rows, dt
-
-
 # -- one `kd run` under the memory sampler -----------------------------------------------------------------
-# Titles that procmem (``kind_of``) files under another kind or under "other" in Ray 2.60; tried first. A
-# replica's title once it is up, ``ray::SERVE_REPLICA::kd-teacher-...``, matches procmem's loose ``\bkd\b``.
-_REFINE = [
-    ("teacher_replica", re.compile(r"ray::SERVE_REPLICA::kd-teacher")),
-    ("ray_spill_worker", re.compile(r"ray::\w*_?(SpillWorker|RestoreWorker)")),  # objects spilled to disk
-    ("ray_daemon", re.compile(r"ray/core/src/ray/raylet/raylet ")),  # its command line names default_worker.py
-    ("data_decode", re.compile(r"ray::_split_single_block")),  # streaming_split's equal-share split: a data task
-    ("data_coordinator", re.compile(r"ray::SplitCoordinator")),  # runs the streaming executor of a split dataset
-    ("data_system", re.compile(r"ray::(_StatsActor|DatasetManager|_?AutoscalingCoordinator)")),
-    ("serve_system", re.compile(r"ray::SERVE_(CONTROLLER|PROXY)_ACTOR")),
-    ("train_system", re.compile(r"ray::(SynchronizationActor|PlacementGroupCleaner|PreemptionWatcher)")),
-    ("kd_projector_registry", re.compile(r"ray::ProjectorRegistry")),
-    ("ray_agent", re.compile(r"ray::(DashboardAgent|RuntimeEnvAgent)")),
-]
-# Kinds of pooled worker processes, which change with the task they run. Every other kind shown by a process
-# titled ``ray::...`` is an actor's, and the process keeps the first one it shows for life (a Train worker
-# running ``ray::execute.<fn>`` is still a Train worker). Untitled processes are classified at each sample: a
-# child forked by the raylet carries the raylet's command line until it execs.
-_POOLED = ("ray_idle_worker", "data_decode", "other")
-
-
-def refine_kind(cmd: str, is_root: bool = False) -> str:
-    """The kind of a process: ``kd_driver`` for the root of the tree only, ``_REFINE``'s names, else
-    ``procmem.kind_of`` (whose ``kd_driver`` for another process becomes ``other``)."""
-    from services.bench.procmem import kind_of
-
-    if is_root:
-        return "kd_driver"
-    for name, pattern in _REFINE:
-        if pattern.search(cmd):
-            return name
-    kind = kind_of(cmd)
-    return "other" if kind == "kd_driver" else kind
-
-
-def rss_parts_mb(pid: int) -> tuple[float, float]:
-    """(RssAnon, RssShmem) of a process in MB: private memory, and the shared memory it has touched (Ray's
-    object store is shared memory, counted in the RSS of every process that reads or writes its pages)."""
-    try:
-        status = (Path("/proc") / str(pid) / "status").read_text()
-    except OSError:
-        return 0.0, 0.0
-    anon, shm = re.search(r"RssAnon:\s+(\d+) kB", status), re.search(r"RssShmem:\s+(\d+) kB", status)
-    return (int(anon.group(1)) / 1024 if anon else 0.0), (int(shm.group(1)) / 1024 if shm else 0.0)
-
-
-class TreeSampler(PeakRSS):
-    """PeakRSS with finer kinds (``refine_kind``), the peaks of each kind's private (RssAnon) and shared
-    (RssShmem) parts, the peak of the whole tree's RSS, the most processes of each kind seen at once and a
-    few titles of each kind."""
-
-    def __init__(self, root: int, every_s: float = 0.5) -> None:
-        super().__init__(root, every_s)
-        self.total_peak_mb = 0.0
-        self.anon_peaks: dict[str, float] = {}
-        self.shmem_peaks: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-        self.titles: dict[str, set[str]] = {}
-        self._pid_kind: dict[int, str] = {}
-
-    def sample(self) -> None:
-        from services.bench.procmem import tree
-
-        counts: dict[str, int] = {}
-        total = 0.0
-        for pid, (cmd, rss) in tree(self.root).items():
-            if not cmd.strip():  # exiting, or between fork and exec
-                continue
-            kind = self._pid_kind.get(pid) or refine_kind(cmd, pid == self.root)
-            if kind not in _POOLED and cmd.startswith("ray::"):
-                self._pid_kind[pid] = kind
-            mb = rss / 2**20
-            anon, shm = rss_parts_mb(pid)
-            self.peaks[kind] = max(self.peaks.get(kind, 0.0), mb)
-            self.anon_peaks[kind] = max(self.anon_peaks.get(kind, 0.0), anon)
-            self.shmem_peaks[kind] = max(self.shmem_peaks.get(kind, 0.0), shm)
-            counts[kind] = counts.get(kind, 0) + 1
-            total += mb
-            seen = self.titles.setdefault(kind, set())
-            if len(seen) < 8:
-                seen.add(cmd.strip()[:70])
-        for k, c in counts.items():
-            self.counts[k] = max(self.counts.get(k, 0), c)
-        self.total_peak_mb = max(self.total_peak_mb, total)
-        self.samples += 1
-
-
 def kd_command() -> list[str]:
     """``kd`` of this environment (the console script next to this Python), else ``python -m services.cli.main``."""
     script = Path(sys.executable).with_name("kd")

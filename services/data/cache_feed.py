@@ -87,18 +87,3 @@ def feed_dataset(job_json: dict[str, Any], app: str, uri: str, manifest: dict, s
                           compute=ray.data.TaskPoolStrategy(size=max(1, tasks)),
                           fn_kwargs={"job_json": job_json, "app": app, "uri": uri, "manifest": manifest,
                                      "s3_endpoint": s3_endpoint, "retries": retries})
-
-
-def kd_error_in(err: BaseException) -> KDError | None:
-    """The kd error a Ray Data failure carries (a task's exception arrives wrapped), if any."""
-    seen: set[int] = set()
-    stack = [err]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, KDError):
-            return e
-        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
-    return None

@@ -20,7 +20,8 @@ from kdcore.cache.build import Claims
 from kdcore.cache.writer import CacheWriter
 from kdcore.errors import CacheError
 from kdcore.spec.job import JobSpec
-from services.data.cache_feed import feed_dataset, kd_error_in, send_chunk
+from services.data.cache_feed import feed_dataset, send_chunk
+from services.rayerrors import as_kd_error
 from services.data.context import decode_tasks, quiet_ray_data, uses_ray_data
 from services.teacher.lifecycle import teacher_app
 
@@ -82,12 +83,7 @@ class ReplicaExecutor:
                         failed.set()
                         errors.append(e)
         if errors:
-            kd = kd_error_in(errors[0])
-            if kd is not None:
-                raise kd from None
-            first = str(errors[0]).strip().splitlines()
-            raise CacheError(f"building the cache at {spec.uri} failed: {type(errors[0]).__name__}: "
-                             f"{first[-1] if first else ''}") from None
+            raise as_kd_error(errors[0], CacheError, f"building the cache at {spec.uri} failed") from None
 
     def _sent_from_here(self, app: str, spec, manifest: dict, bounds: list[tuple[int, int, int]],
                         tasks: int) -> Iterator[dict]:

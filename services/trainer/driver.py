@@ -16,6 +16,7 @@ from kdcore.spec.job import JobSpec
 from kdcore.spec.paths import resolve_paths
 from services.data.context import uses_ray_data
 from services.membank.actor import create_bank_actor
+from services.rayerrors import as_kd_error
 from services.trainer.report import write_report
 from services.trainer.worker import train_loop_per_worker
 
@@ -30,30 +31,9 @@ def _shapes(job: JobSpec, split, config: dict[str, Any]) -> dict[str, tuple[int,
     return teacher_shapes_of(job, split, None)
 
 
-def root_cause(e: BaseException) -> BaseException:
-    """The exception a worker raised, out of Ray Train's and Ray's wrappers."""
-    from ray.exceptions import RayTaskError
-    from ray.train import ControllerError, WorkerGroupError
-
-    for _ in range(10):
-        if isinstance(e, WorkerGroupError) and e.worker_failures:
-            e = e.worker_failures[min(e.worker_failures)]
-        elif isinstance(e, ControllerError):
-            e = e.controller_failure
-        elif isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None:
-            e = e.cause
-        else:
-            break
-    return e
-
-
-def worker_error(e: BaseException) -> BaseException:
+def worker_error(e: BaseException) -> KDError:
     """kd's own errors come back as they were raised; anything else as one TrainingError line."""
-    root = root_cause(e)
-    if isinstance(root, KDError):
-        return root
-    lines = [line for line in str(root).splitlines() if line.strip()]
-    return TrainingError(f"training failed on a worker: {type(root).__name__}: {lines[-1] if lines else ''}")
+    return as_kd_error(e, TrainingError, "training failed on a worker")
 
 
 def fit_interruptibly(trainer):

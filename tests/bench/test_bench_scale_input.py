@@ -33,7 +33,8 @@ def _positive(value) -> bool:
 def test_bench_scale_small(tmp_path):
     import json
 
-    from services.bench.scale import dataset_rows, lines, run
+    from services.bench.imagejob import dataset_rows
+    from services.bench.scale import lines, run
 
     r = run(rows=256, image_size=32, workdir=tmp_path, replicas=1, log=None)
     json.dumps(r)  # what --json prints
