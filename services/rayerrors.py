@@ -4,6 +4,7 @@ re-raise), and the user should see kd's own message, or one line naming what fai
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterator
 
 from kdcore.errors import KDError
@@ -55,5 +56,13 @@ def as_kd_error(e: BaseException, make: Callable[[str], KDError], what: str) -> 
     if kd is not None:
         return kd
     root = root_cause(e)
-    lines = [line for line in str(root).splitlines() if line.strip()]
+    lines = [line for line in _without_retry_note(str(root)).splitlines() if line.strip()]
     return make(f"{what}: {type(root).__name__}: {lines[-1].strip() if lines else ''}")
+
+
+# Ray Data appends "Failed to <what> after n/m attempts (...)" and a note on its retry settings to a task's error.
+_RETRY_NOTE = re.compile(r"\n\s*Failed to .* after \d+/\d+ attempts.*\Z", re.DOTALL)
+
+
+def _without_retry_note(message: str) -> str:
+    return _RETRY_NOTE.sub("", message)

@@ -58,6 +58,8 @@ def init_kwargs(spec: RaySpec, address: str | None = None) -> tuple[dict, str]:
     # nothing drains a private node: no preemption-watcher actor per Ray Train run (a process start each)
     env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     kwargs.update(address="local", num_cpus=spec.num_cpus, include_dashboard=False)
+    if spec.object_store_mb:
+        kwargs["object_store_memory"] = spec.object_store_mb * 2**20
     return kwargs, "[kd] starting a private local Ray"
 
 

@@ -54,3 +54,25 @@ def test_bad_sizes_are_user_errors(capsys):
     assert "--steps must be > 0" in capsys.readouterr().err
     assert main(["bench", "losses", "--threads", "0"]) == 2
     assert "--threads must be > 0" in capsys.readouterr().err
+
+
+def test_json_stays_one_object_when_child_processes_and_prints_write_to_stdout(tmp_path):
+    """What Ray's processes print (they inherit the descriptor) goes to stderr while a ``--json`` bench runs."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, subprocess, sys\n"
+        "from services.cli import cmd_bench\n"
+        "def noisy(args):\n"
+        "    print('(raylet) a Python print')\n"
+        "    subprocess.run([sys.executable, '-c', 'print(\"(raylet) a child process\")'], check=True)\n"
+        "    os.write(1, b'(raylet) native code\\n')\n"
+        "    cmd_bench._emit({'ratio': 1.0})\n"
+        "    return 0\n"
+        "class A: json = True\n"
+        "sys.exit(cmd_bench._json_only(noisy)(A()))\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == {"ratio": 1.0}, p.stdout
+    assert p.stderr.count("(raylet)") == 3

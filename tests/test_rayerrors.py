@@ -38,3 +38,15 @@ def test_cycles_in_exception_context_end():
     a.__context__, b.__context__ = b, a
     assert kd_error_in(a) is None
     assert root_cause(a) in (a, b)
+
+
+def test_ray_datas_retry_note_is_not_taken_for_the_message():
+    from ray.exceptions import UserCodeException
+
+    task = UserCodeException("Traceback (most recent call last):\n  File \"x.py\", line 3\n"
+                             "RuntimeError: block 7 holds no stored row\n"
+                             "Failed to run map task after 1/1 attempts (total backoff 0.0s).\n"
+                             "To change retry attempts, backoff, or which errors are retried, configure it.")
+    err = as_kd_error(WorkerGroupError("workers failed", {0: task}), TrainingError, "training failed on a worker")
+    assert str(err) == ("training failed on a worker: UserCodeException: RuntimeError: block 7 holds no "
+                        "stored row")

@@ -28,6 +28,10 @@ class RaySpec(Spec):
     )
     namespace: str = Field(default="kd", description="Ray namespace of the job's actors and Serve apps.")
     num_cpus: int | None = Field(default=None, gt=0, description="Logical CPUs of a local Ray (default: the machine's).")
+    object_store_mb: int | None = Field(
+        default=None, ge=80, description="Object store size of a local Ray in MB (default: Ray's, 30% of RAM). It "
+        "bounds the shared memory Ray Data's blocks take; a cluster's nodes set their own (ray start "
+        "--object-store-memory).")
 
 
 class OutputSpec(Spec):

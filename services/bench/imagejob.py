@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 MODEL = "kdcore.zoo:image_cnn"
+OBJECT_STORE_MB = 2048
 
 
 def decoded_gb(rows: int, image_size: int, channels: int = 3) -> float:
@@ -79,8 +80,11 @@ def write_scale_datasets(work: Path, n: int, image_size: int, log=None) -> tuple
 
 def image_job(name: str, train_dir: str | Path, eval_dir: str | Path | None, work: str | Path, image_size: int, *,
               views: int = 2, chunk_rows: int = 512, epochs: int = 1, workers: int = 2, batch_size: int = 64,
-              replicas: int | None = None, teacher_width: int = 16, student_width: int = 4) -> dict[str, Any]:
-    """The benches' cache-mode job on a Parquet image dataset (a dict for ``JobSpec.from_dict``)."""
+              replicas: int | None = None, teacher_width: int = 16, student_width: int = 4,
+              object_store_mb: int | None = OBJECT_STORE_MB) -> dict[str, Any]:
+    """The benches' cache-mode job on a Parquet image dataset (a dict for ``JobSpec.from_dict``). Its private
+    local Ray gets an object store of ``object_store_mb`` (as a cluster node has a set size), so the shared memory
+    its processes touch is the same bound on every machine and for every dataset size."""
     def source(path) -> dict[str, Any]:
         return {"kind": "parquet", "path": str(path), "image_column": "image", "label_column": "label",
                 "id_column": "id", "image_size": image_size, "num_classes": 10}
@@ -103,6 +107,7 @@ def image_job(name: str, train_dir: str | Path, eval_dir: str | Path | None, wor
         "features": {"mode": "cache", "cache": {"uri": str(work / "cache" / name), "chunk_rows": chunk_rows}},
         "train": {"epochs": epochs, "num_workers": workers, "optimizer": {"kind": "adam", "lr": 0.003}},
         "output": {"dir": str(work / "runs")},
+        **({"ray": {"object_store_mb": object_store_mb}} if object_store_mb else {}),
     }
 
 

@@ -23,8 +23,8 @@ against that (tighter, reachable) limit.
 
 **Student input.** ``pipeline_rows_per_s``: ``services.data.pipeline.cache_training_dataset`` (cache chunks joined
 with their stored input rows, decoded and augmented in ``map_batches`` by ``k = decode_tasks(job)`` tasks)
-iterated to the end in this process the way a training worker iterates its shard (the job's batch size, the
-local shuffle buffer of ``shuffle_window`` chunks, 2 batches prefetched); batches are dropped. One untimed epoch
+iterated to the end in this process the way a training worker iterates its shard (the job's batch size, 2 batches
+prefetched; the blocks come already mixed by windows of ``shuffle_window`` chunks); batches are dropped. One untimed epoch
 first (Ray's pooled workers import torch once), then ``repeats`` timed epochs. The limit is the same work in a
 tight single-process loop without Ray (``input_rows_per_s``: per chunk, its stored rows from the reader, the
 aug parameters from the cache chunk, one decode per sample, normalisation, ``RowMapper.replay``), one thread,
@@ -153,14 +153,11 @@ def forward_rows_per_s(job, split, rows: int = 1024, repeats: int = 5) -> float:
 
 def pipeline_epoch(ds, job, epoch: int) -> dict[str, float]:
     """One pass over the Ray Data pipeline as a training worker iterates its shard; batches are dropped."""
-    spec = job.features.cache
-    buffer = max(job.data.batch_size, spec.shuffle_window * spec.chunk_rows)
     n = 0
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    t_first = None  # includes filling the shuffle buffer
-    for b in ds.iter_batches(batch_size=job.data.batch_size, batch_format="numpy", local_shuffle_buffer_size=buffer,
-                             local_shuffle_seed=epoch, prefetch_batches=2):
+    t_first = None  # the execution's start-up and the first block
+    for b in ds.iter_batches(batch_size=job.data.batch_size, batch_format="numpy", prefetch_batches=2):
         if t_first is None:
             t_first = time.perf_counter() - t0
         n += len(b["x"])
@@ -285,7 +282,7 @@ def lines(r: dict[str, Any]) -> list[str]:
            f"= {r['cache_rows']:,} cache rows in {r['chunks']} chunks; {r['cores']} cores; medians of {r['repeats']}",
            "  student input (rows/s):",
            f"    Ray Data pipeline, {r['decode_tasks']} decode tasks {r['pipeline_rows_per_s']:>10,.0f}  "
-           f"(first batch after {r['pipeline_first_batch_s']:.2f} s: start-up + the shuffle buffer; the consumer "
+           f"(first batch after {r['pipeline_first_batch_s']:.2f} s; the consumer "
            f"used {r['pipeline_consumer_cpu_s']:.1f} CPU-s of a {r['pipeline_epoch_s']:.1f} s epoch)",
            f"    tight loop, one process       {r['input_rows_per_s']:>10,.0f}",
            f"    limit = tight x {r['limit_cores']}            {r['limit_rows_per_s']:>10,.0f}",

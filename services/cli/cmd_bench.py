@@ -3,9 +3,68 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+import os
+import sys
+from typing import Any, Callable, Iterator
 
 from kdcore.errors import UserError
+
+_JSON_OUT: list[Any] = []  # the real stdout while a --json bench runs (see _json_only)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[Any]:
+    """While a ``--json`` bench runs, everything written to stdout goes to stderr instead: Python's prints and, at
+    the descriptor, what Ray's processes (started now, inheriting it) and native code write; the yielded stream is
+    the real stdout, which then holds the one JSON object alone."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    old = sys.stdout
+    try:
+        on_fd1 = old.fileno() == 1
+    except (AttributeError, OSError, ValueError):  # a stream in memory (a test's capture): it stays the output
+        on_fd1 = False
+    real = os.fdopen(saved, "w", closefd=False) if on_fd1 else old
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        yield real
+    finally:
+        sys.stdout.flush()
+        real.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        sys.stdout = old
+
+
+def _json_only(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A bench command whose ``--json`` output is one parseable JSON object on stdout, whatever else runs."""
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        if not getattr(args, "json", False):
+            return func(args)
+        with _stdout_to_stderr() as real:
+            _JSON_OUT.append(real)
+            try:
+                rc = func(args)
+                with contextlib.suppress(Exception):  # Ray's teardown output, if any, still goes to stderr
+                    import ray
+
+                    if ray.is_initialized():
+                        ray.shutdown()
+            finally:
+                _JSON_OUT.pop()
+        return rc
+    return run
+
+
+def _emit(result: dict[str, Any]) -> None:
+    """Print a bench's result as one JSON object on the real stdout."""
+    out = _JSON_OUT[-1] if _JSON_OUT else sys.stdout
+    print(json.dumps(result), file=out, flush=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     b.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: every CPU of this process)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.set_defaults(func=bench_losses)
+    b.set_defaults(func=_json_only(bench_losses))
 
     b = bsub.add_parser("cache", help="cache loader vs memmap random batches; cache writes vs np.save",
                         description="On the same data in one run: rows/s of a shuffled cache epoch vs random "
@@ -42,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--chunk-rows", type=int, default=4096, help="rows per chunk (default 4096, 16 MiB)")
     b.add_argument("--workdir", default=None, help="where the data is written (default: a temp dir)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.set_defaults(func=bench_cache)
+    b.set_defaults(func=_json_only(bench_cache))
 
     b = bsub.add_parser("membank", help="student step with the shared bank actor vs an in-process bank",
                         description="2 Ray Train workers, resnet8x4 student (32x32, batch 64), CRD K=4096 d=128: "
@@ -51,7 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--workers", type=int, default=2, help="train workers (default 2)")
     b.add_argument("--steps", type=int, default=40, help="timed steps per mode (default 40)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.set_defaults(func=bench_membank)
+    b.set_defaults(func=_json_only(bench_membank))
 
     b = bsub.add_parser("serve", help="teacher deployment throughput vs the direct forward",
                         description="Samples/s of the teacher forward in-process at batch 256 (the limit), through the "
@@ -60,7 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "per sample raw vs projected. Targets: batched and stream >= 0.9x direct, single >= 0.8x "
                         "the no-op ceiling.")
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.set_defaults(func=bench_serve)
+    b.set_defaults(func=_json_only(bench_serve))
 
     b = bsub.add_parser("e2e", help="student epoch time: teacher online vs streamed vs cached",
                         description="Student epoch time for features online, stream and cache on the same teacher "
@@ -69,7 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--epochs", type=int, default=4, help="epochs per mode (default 4; the first is not timed)")
     b.add_argument("--modes", default="online,stream,cache", help="comma-separated modes (default all three)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.set_defaults(func=bench_e2e)
+    b.set_defaults(func=_json_only(bench_e2e))
 
     b = bsub.add_parser("scale", help="the same cache-mode job on N and 4N image rows: peak memory per process kind "
                         "and throughput",
@@ -86,7 +145,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "datasets already there are reused")
     b.add_argument("--keep", action="store_true", help="keep the caches and runs (and a temp workdir, with the logs)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.set_defaults(func=bench_scale)
+    b.set_defaults(func=_json_only(bench_scale))
 
     b = bsub.add_parser("input", help="student input rows/s through Ray Data vs a single-process loop; cache build "
                         "rows/s vs the teacher forward and input limits",
@@ -102,7 +161,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--workdir", default=None, help="where the dataset and cache go (default: a temp dir)")
     b.add_argument("--keep", action="store_true", help="keep the cache (and a temp workdir)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.set_defaults(func=bench_input)
+    b.set_defaults(func=_json_only(bench_input))
 
 
 def bench_losses(args: argparse.Namespace) -> int:
@@ -129,7 +188,7 @@ def bench_losses(args: argparse.Namespace) -> int:
         if not args.json:
             print("\n".join(term_lines(terms)))
     if args.json:
-        print(json.dumps(out))
+        _emit(out)
     return 0
 
 
@@ -142,7 +201,7 @@ def bench_cache(args: argparse.Namespace) -> int:
 
     r = run(rows=args.rows, dim=args.dim, batch=args.batch, chunk_rows=args.chunk_rows, workdir=args.workdir)
     if args.json:
-        print(json.dumps(r))
+        _emit(r)
         return 0
     print(f"cache bench: {args.rows} rows x {args.dim} fp16, batches of {args.batch}, medians")
     print(f"  shuffled-epoch loader   {r['loader_rows_per_s']:>14,.0f} rows/s")
@@ -159,7 +218,7 @@ def bench_membank(args: argparse.Namespace) -> int:
 
     r = run(workers=args.workers, steps=args.steps, log=None if args.json else print)
     if args.json:
-        print(json.dumps(r))
+        _emit(r)
         return 0
     print(f"membank bench: {r['workers']} workers, K={r['nce_k']}, d={r['feat_dim']}, batch {r['batch']}, medians")
     print(f"  step with the bank actor   {r['step_s_actor'] * 1e3:9.1f} ms")
@@ -175,7 +234,7 @@ def bench_e2e(args: argparse.Namespace) -> int:
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     r = run(epochs=args.epochs, modes=modes, log=None if args.json else print)
     if args.json:
-        print(json.dumps(r))
+        _emit(r)
         return 0
     print(f"e2e bench (medians): teacher step {r['teacher_step_s'] * 1e3:.1f} ms, student step "
           f"{r['student_step_s'] * 1e3:.1f} ms -> ideal cache speedup {r['speedup_ideal']:.2f}x (in this process)")
@@ -196,7 +255,7 @@ def bench_serve(args: argparse.Namespace) -> int:
 
     r = run(log=None if args.json else print)
     if args.json:
-        print(json.dumps(r))
+        _emit(r)
         return 0
     print("serve bench (samples/s, medians):")
     print(f"  direct forward, batch 256       {r['direct_sps']:>10,.0f}  (limit)")
@@ -227,7 +286,10 @@ def _image_bench(args: argparse.Namespace, module: str, count: str) -> int:
         raise UserError(f"--image-size must be >= 16 (the models stride by 4, then pool), got {args.image_size}")
     r = bench.run(rows=args.rows, image_size=args.image_size, workdir=args.workdir, keep=args.keep,
                   log=None if args.json else print, **{count: getattr(args, count)})
-    print(json.dumps(r) if args.json else "\n".join(bench.lines(r)))
+    if args.json:
+        _emit(r)
+    else:
+        print("\n".join(bench.lines(r)))
     return 0
 
 

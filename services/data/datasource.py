@@ -1,14 +1,19 @@
-"""``CacheRowsDatasource``: one block per feature-cache chunk, holding the chunk's teacher outputs and
-augmentation parameters joined with the stored (still encoded) input rows they were computed from.
+"""``CacheRowsDatasource``: blocks of feature-cache rows, each holding the rows' teacher outputs and augmentation
+parameters joined with the stored (still encoded) input rows they were computed from, already mixed.
 
 A chunk is a contiguous range of cache rows, hence of training rows, hence one contiguous read of the
-source; decoding and the augmentation replay happen later, in :class:`services.data.transforms.DecodeInputs`
-(``map_batches``), so the read tasks stay I/O-bound and any CPU node can decode.
+source. Each epoch the chunks come in a new random order, grouped into windows of ``shuffle_window`` chunks;
+one read task per window reads its chunks (one sequential read each), deals the window's samples at random
+into as many blocks as it has chunks (a sample's views stay in one block, so it is decoded once) and shuffles
+each block's rows. Consumers cut batches from the blocks as they come: the mixing a local shuffle buffer of the
+window's rows would give, with no buffer to fill and no copy in the training worker. Decoding and the
+augmentation replay happen later, in :class:`services.data.transforms.DecodeInputs` (``map_batches``), so
+the read stays I/O-bound and any CPU node can decode.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from ray.data.block import BlockAccessor, BlockMetadata
@@ -35,16 +40,17 @@ def raw_column(raw: Any) -> np.ndarray:
 
 
 class CacheRowsDatasource(Datasource):
-    """Blocks of ``{row, sample, view, raw, aug, f.<layer>..., logits | logits_topk_*}``, one per cache chunk.
+    """Blocks of ``{row, sample, view, raw, aug, f.<layer>..., logits | logits_topk_*}``, as many per window of
+    ``window`` chunks as it has chunks (``window=1``: a block is one chunk's rows, in order).
 
     ``uri``: the cache, or ``[(teacher, uri), ...]``: the caches of a multi-teacher job (they hold the same rows in
     the same chunks, checked), whose chunk ``i`` is read from each and joined: features as ``f.<teacher>/<layer>``
     and logits (top-k ones filled in) as ``f.<teacher>/logits``, the keys the distiller reads."""
 
     def __init__(self, job_json: dict[str, Any], uri: str | list[tuple[str, str]], s3_endpoint: str | None = None,
-                 chunks: list[int] | None = None) -> None:
+                 chunks: list[int] | None = None, window: int = 1) -> None:
         super().__init__()
-        self.job_json, self.s3_endpoint = job_json, s3_endpoint
+        self.job_json, self.s3_endpoint, self.window = job_json, s3_endpoint, max(1, int(window))
         self.caches: list[tuple[str | None, str]] = [(None, uri)] if isinstance(uri, str) else list(uri)
         handles = [CacheHandle.open(u, s3_endpoint=s3_endpoint, read_only=True) for _, u in self.caches]
         for (name, _), other in zip(self.caches[1:], handles[1:]):
@@ -58,19 +64,40 @@ class CacheRowsDatasource(Datasource):
     def estimate_inmemory_data_size(self) -> int | None:
         return int(sum((b - a) * self.row_bytes for a, b in self.bounds.values()))
 
+    @property
+    def num_tasks(self) -> int:
+        """How many read tasks an epoch has (one per window)."""
+        return -(-len(self.chunks) // self.window)
+
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
-        """One task per chunk, in a new random order at each call: Ray Data plans every execution (each epoch
-        of a Train run) again, so this is the per-epoch chunk shuffle. (``randomize_block_order`` would do it
-        too, but in Ray 2.60 it waits for every read to finish before the first decode, so every chunk's stored
-        rows would sit in the object store at once: memory growing with the dataset.)"""
+        """One task per window of chunks, in a new random order at each call: Ray Data plans every execution
+        (each epoch of a Train run) again, so this is the per-epoch shuffle. (``randomize_block_order`` would
+        reorder blocks too, but in Ray 2.60 it waits for every read to finish before the first decode, so every
+        chunk's stored rows would sit in the object store at once: memory growing with the dataset.)"""
+        rng = np.random.default_rng()
+        order = rng.permutation(self.chunks).tolist()
+        nonce = int(rng.integers(2**62))
         tasks = []
-        for i in np.random.default_rng().permutation(self.chunks).tolist():
-            a, b = self.bounds[i]
-            meta = BlockMetadata(num_rows=b - a, size_bytes=int((b - a) * self.row_bytes), input_files=None,
+        for w, start in enumerate(range(0, len(order), self.window)):
+            chunks = order[start:start + self.window]
+            rows = sum(self.bounds[i][1] - self.bounds[i][0] for i in chunks)
+            meta = BlockMetadata(num_rows=rows, size_bytes=int(rows * self.row_bytes), input_files=None,
                                  exec_stats=None)
-            tasks.append(ReadTask(lambda i=i: [self.read_block(i)], meta, per_task_row_limit=per_task_row_limit))
+            tasks.append(ReadTask(lambda chunks=chunks, seed=(nonce, w): self.read_window(chunks, seed), meta,
+                                  per_task_row_limit=per_task_row_limit))
         return tasks
+
+    def read_window(self, chunks: list[int], seed: tuple[int, ...]) -> Iterator[Any]:
+        """The blocks of one window: each chunk read whole, the samples dealt at random into ``len(chunks)``
+        blocks, each block's rows shuffled (seeded by ``seed``). One chunk alone comes back as it is."""
+        if len(chunks) == 1:
+            yield self.read_block(chunks[0])
+            return
+        parts = [BlockAccessor.for_block(self.read_block(i)).to_numpy() for i in chunks]
+        cols = {k: _concat([p[k] for p in parts]) for k in parts[0]}
+        for pick in mix_window(cols["sample"], len(chunks), np.random.default_rng(list(seed))):
+            yield BlockAccessor.batch_to_block({k: v[pick] for k, v in cols.items()})
 
     def read_block(self, chunk: int):
         ctx = data_context(self.job_json)
@@ -116,6 +143,34 @@ def _teacher_columns(handle: CacheHandle, chunk: int, teacher: str | None) -> di
         np.put_along_axis(dense, idx, val, axis=1)
         out[f"{FEATURE_PREFIX}{teacher}/{LOGITS}"] = dense
     return out
+
+
+def mix_window(samples: np.ndarray, parts: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Row indices of ``parts`` blocks that deal a window's samples out at random: every row of a sample goes
+    to the same block (its stored bytes travel once and are decoded once), blocks differ in rows by at most two
+    samples' rows (a sample cut by a chunk boundary has fewer here), and each block's rows come in random order
+    (a sample's views end up apart)."""
+    uniq, inverse = np.unique(samples, return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(uniq))
+    order = rng.permutation(len(uniq))  # samples in a random order, then cut into ``parts`` runs of equal rows
+    starts = np.cumsum(counts[order]) - counts[order]
+    block_of_sample = np.empty(len(uniq), dtype=np.int64)
+    block_of_sample[order] = starts * parts // max(1, len(samples))
+    block_of = block_of_sample[inverse]
+    out = []
+    for k in range(parts):
+        rows = np.flatnonzero(block_of == k)
+        out.append(rows[rng.permutation(len(rows))])
+    return [rows for rows in out if len(rows)]
+
+
+def _concat(columns: list[np.ndarray]) -> np.ndarray:
+    """One column of several blocks (object columns, the encoded rows, stay object arrays)."""
+    if columns[0].dtype == object:
+        out = np.empty(sum(len(c) for c in columns), dtype=object)
+        out[:] = [v for c in columns for v in c]
+        return out
+    return np.concatenate(columns)
 
 
 _HANDLES: dict[tuple[str, str | None], CacheHandle] = {}

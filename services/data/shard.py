@@ -24,18 +24,16 @@ def teacher_logits(batch: dict[str, Any], num_classes: int) -> torch.Tensor:
 
 
 class ShardFeatures:
-    """Batches of one worker's ``get_dataset_shard("train")``: each epoch is one pass over the shard, rows
-    mixed in a local shuffle buffer of ``shuffle_window`` cache chunks (seeded by epoch)."""
+    """Batches of one worker's ``get_dataset_shard("train")``: each epoch is one pass over the shard, batches cut
+    from its blocks in the order they come (the pipeline's blocks are already mixed by windows of
+    ``shuffle_window`` chunks: ``services.data.datasource``)."""
 
     def __init__(self, job: JobSpec, split: DataSplit, shard, num_classes: int, chunk_rows: int) -> None:
         self.job, self.split, self.shard, self.num_classes = job, split, shard, num_classes
-        self.buffer = max(job.data.batch_size, job.features.cache.shuffle_window * chunk_rows)
 
     def epoch(self, epoch: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
         bs = self.job.data.batch_size
         for b in self.shard.iter_batches(batch_size=bs, batch_format="numpy", drop_last=world > 1,
-                                         local_shuffle_buffer_size=self.buffer,
-                                         local_shuffle_seed=hash((self.job.train.seed, epoch, rank)) % 2**31,
                                          prefetch_batches=2):
             s = np.asarray(b["sample"], dtype=np.int64)
             teacher = {k[len(FEATURE_PREFIX):]: torch.from_numpy(np.asarray(v, dtype=np.float32))

@@ -88,3 +88,53 @@ def test_a_corrupted_chunk_stops_the_block_naming_it(cached_job):
     chunk.write_bytes(bytes(data))
     with pytest.raises(CacheError, match=r"chunk 1 .*corrupted.*kd cache verify --repair"):
         source.read_block(1)
+
+
+def test_windows_deal_samples_into_mixed_blocks_that_decode_to_the_teachers_inputs(cached_job):
+    from ray.data.block import BlockAccessor
+
+    from services.data.datasource import CacheRowsDatasource
+    from services.data.transforms import DecodeInputs
+
+    job, split, _ = cached_job
+    job_json = job.model_dump(mode="json")
+    source = CacheRowsDatasource(job_json, job.features.cache.uri, window=4)
+    tasks = source.get_read_tasks(4)
+    assert len(tasks) == source.num_tasks == -(-len(source.chunks) // 4)
+    expected = RowMapper(split, job.data).cache_rows(0, split.n_train * 3)
+    seen, block_of_sample = [], {}
+    for t in tasks:
+        blocks = [BlockAccessor.for_block(b).to_numpy() for b in t()]
+        assert sum(len(b["row"]) for b in blocks) == t.metadata.num_rows
+        sizes = [len(b["row"]) for b in blocks if len(b["row"])]
+        assert max(sizes) - min(sizes) <= 2 * 3  # equal shares of rows, up to a sample (3 views) either end
+        for k, block in enumerate(blocks):
+            rows = block["row"]
+            if len(blocks) > 1:  # mixed: rows of several chunks, not in order
+                assert len(set((rows // 100).tolist())) > 1 and not np.all(np.diff(rows) > 0)
+            for s in block["sample"].tolist():
+                assert block_of_sample.setdefault((id(t), s), k) == k  # a sample's views stay in one block
+            out = DecodeInputs(job_json)(dict(block))
+            assert np.array_equal(out["x"], expected.x[rows])  # each row still the teacher's exact view
+            assert np.array_equal(out["sample"], expected.samples[rows])
+            seen.extend(rows.tolist())
+    assert sorted(seen) == list(range(split.n_train * 3))  # every row once
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_mix_window_keeps_samples_whole_and_blocks_even(seed):
+    from services.data.datasource import mix_window
+
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 4, size=int(rng.integers(1, 200)))  # 1-3 views each (chunk edges cut samples)
+    samples = np.repeat(np.arange(len(counts)) * 7, counts)
+    parts = int(rng.integers(1, 6))
+    blocks = mix_window(samples, parts, np.random.default_rng(seed))
+    assert sorted(np.concatenate(blocks).tolist()) == list(range(len(samples)))  # every row once
+    assert len(blocks) <= parts
+    owner = {}
+    for k, rows in enumerate(blocks):
+        for s in samples[rows].tolist():
+            assert owner.setdefault(s, k) == k  # a sample's rows in one block
+    sizes = [len(b) for b in blocks]
+    assert max(sizes) - min(sizes) <= 2 * 3 if len(blocks) == parts else True  # two samples of 3 rows

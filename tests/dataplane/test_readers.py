@@ -162,3 +162,17 @@ def test_private_local_ray_runs_without_the_preemption_watcher(monkeypatch):
     assert kwargs["runtime_env"]["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
     assert init_kwargs(RaySpec())[0]["runtime_env"]["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
+
+
+def test_object_store_size_goes_to_a_private_local_ray_only(monkeypatch):
+    import pydantic
+
+    from kdcore.spec.job import RaySpec
+    from services.raysession import init_kwargs
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert "object_store_memory" not in init_kwargs(RaySpec())[0]
+    assert init_kwargs(RaySpec(object_store_mb=1536))[0]["object_store_memory"] == 1536 * 2**20
+    assert "object_store_memory" not in init_kwargs(RaySpec(object_store_mb=1536, address="auto"))[0]
+    with pytest.raises(pydantic.ValidationError, match="object_store_mb"):
+        RaySpec(object_store_mb=10)
