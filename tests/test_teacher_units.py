@@ -413,3 +413,17 @@ def test_replica_failure_text_maps_back_to_the_kdcore_error():
     assert isinstance(e, LayerNotFoundError) and "blok3" in e.message
     e = replica_error("RuntimeError: CUDA out of memory\n")
     assert isinstance(e, TeacherError) and "CUDA out of memory" in e.message
+
+
+@pytest.mark.parametrize("n_train,rows,seed", [(44000, 2048, 0), (44000, 2048, 1), (1000, 999, 3), (100, 512, 0),
+                                               (10, 3, 2), (1001, 17, 5)])
+def test_pca_sample_is_a_few_contiguous_windows_of_distinct_rows(n_train, rows, seed):
+    from services.teacher.core import sample_windows
+
+    idx = sample_windows(n_train, rows, seed)
+    assert len(idx) == min(rows, n_train) and len(np.unique(idx)) == len(idx)
+    assert idx.min() >= 0 and idx.max() < n_train and np.all(np.diff(idx) > 0)
+    assert int(np.sum(np.diff(idx) > 1)) < 8  # at most 8 runs: the source is read in order
+    assert np.array_equal(idx, sample_windows(n_train, rows, seed))  # seeded
+    if n_train > 4 * rows:
+        assert idx.max() - idx.min() > n_train // 2  # spread over the dataset, not its head

@@ -477,6 +477,8 @@ def test_resnet50_teacher_resnet18_student_validates_in_5s_under_500mb(tmp_path,
     assert best["rss_mb"] < 500, line
     if busy:
         assert min(m["cpu_seconds"] for m in runs) < 5.0, line
+    elif floor["seconds"] > 3.5:  # a slow machine: the imports alone leave no room for 5 s; hold kd's own work
+        assert best["seconds"] - floor["seconds"] < 1.5, line  # to what 5 s leaves on a typical one
     else:
         assert best["seconds"] < 5.0, line
 

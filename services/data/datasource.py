@@ -107,9 +107,10 @@ class CacheRowsDatasource(Datasource):
         first, last = int(split.train_rows[samples[0]]), int(split.train_rows[samples[-1]]) + 1
         raw = split.reader.fetch(first, last)
         pick = split.train_rows[samples] - first
-        if isinstance(raw, list):  # encoded rows travel once per sample: DecodeInputs decodes its first row
-            once = np.r_[True, samples[1:] != samples[:-1]]  # a sample's views are adjacent
-            raw = raw_column([raw[j] if keep else b"" for j, keep in zip(pick.tolist(), once.tolist())])
+        # Every row carries its sample's stored row (encoded bytes are small next to the decoded input), so a
+        # block cut or merged anywhere by Ray Data still decodes; DecodeInputs decodes each sample once per batch.
+        if isinstance(raw, list):
+            raw = raw_column([raw[j] for j in pick.tolist()])
         else:
             raw = raw_column(np.asarray(raw)[pick])
         block: dict[str, np.ndarray] = {"row": np.arange(a, b, dtype=np.int64), "sample": samples, "view": views,

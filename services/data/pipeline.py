@@ -31,9 +31,11 @@ def cache_training_dataset(job: JobSpec, job_json: dict[str, Any] | None = None)
     # They run beside training on whatever cores are free; the decode pool's size bounds what they take.
     # Decoding runs as tasks in Ray's pooled worker processes (an actor pool would start again every epoch).
     n = decode_tasks(job)
-    # One block request per read task: asked for more, Ray Data would split each task's blocks by rows, and a
-    # sample's views (which must stay together, DecodeInputs) could land in two blocks.
+    # One block request per read task (asked for more, Ray Data splits each task's output by rows). Ray Data also
+    # merges a task's small blocks up to its target block size (128 MiB of encoded rows could be thousands), so
+    # decoding goes by batches of a chunk's rows: outputs stream out as they are decoded, and a decode task holds
+    # one chunk's decoded rows, not a window's.
     ds = ray.data.read_datasource(source, override_num_blocks=source.num_tasks, num_cpus=0,
                                   compute=ray.data.TaskPoolStrategy(size=n))
-    return ds.map_batches(decode_inputs, fn_kwargs={"job_json": job_json}, batch_size=None, batch_format="numpy",
+    return ds.map_batches(decode_inputs, fn_kwargs={"job_json": job_json}, batch_size=spec.chunk_rows, batch_format="numpy",
                           num_cpus=0, compute=ray.data.TaskPoolStrategy(size=n), zero_copy_batch=False)

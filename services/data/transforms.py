@@ -32,13 +32,6 @@ class DecodeInputs:
         raw = batch.pop(RAW)
         samples = np.asarray(batch["sample"])
         uniq, first, inverse = np.unique(samples, return_index=True, return_inverse=True)  # views share a decode
-        if raw.dtype == object:  # encoded rows travel once per sample: take each sample's row that holds them
-            held = np.flatnonzero([len(r) > 0 for r in raw])
-            _, at = np.unique(inverse[held], return_index=True)
-            if len(at) != len(uniq):
-                raise RuntimeError("a block holds a sample without its stored row (kd bug: a sample's views were "
-                                   "split across blocks)")
-            first = held[at]
         stored = [raw[j] for j in first.tolist()] if raw.dtype == object else raw[first]
         x = reader.finish(reader.decode(stored, int(split.train_rows[uniq[0]]) if len(uniq) else 0))
         x = split.norm(x)[inverse]

@@ -165,11 +165,11 @@ class TeacherCore:
                 "projector_version": version}
 
     def feature_sample(self, rows: int, seed: int, batch: int = 256) -> dict[str, np.ndarray]:
-        """Raw features of a seeded sample of training rows (view 0): what a PCA projection is fitted on."""
-        n = min(rows, self.n_train)
-        idx = np.sort(np.random.default_rng([seed, 7]).choice(self.n_train, size=n, replace=False))
+        """Raw features of a seeded sample of training rows (view 0): what a PCA projection is fitted on. The
+        rows are a few contiguous windows at seeded places (``sample_windows``), so the source is read in order."""
+        idx = sample_windows(self.n_train, rows, seed)
         parts: dict[str, list[np.ndarray]] = {k: [] for k in self.taps}
-        for s in range(0, n, batch):
+        for s in range(0, len(idx), batch):
             r = idx[s:s + batch]
             out = self.forward(self.inputs_for(r, np.zeros(len(r), np.int64)))
             for k in self.taps:
@@ -222,3 +222,20 @@ class TeacherCore:
                 "n_train": self.n_train, "views": self.views, "projected_dim": self.projected_dim,
                 "split_fingerprint": self.fingerprint, "forwards": self.runner.forwards, "rows": self.runner.rows,
                 "device": str(self.runner.device), "torch_threads": torch.get_num_threads()}
+
+
+def sample_windows(n_train: int, rows: int, seed: int, windows: int = 8) -> np.ndarray:
+    """``min(rows, n_train)`` distinct training rows, sorted: ``windows`` contiguous runs, one at a seeded place
+    in each of ``windows`` equal strata of the rows (reading scattered rows would decode whole row groups of
+    encoded files for one row each)."""
+    n = min(rows, n_train)
+    if n >= n_train:
+        return np.arange(n_train, dtype=np.int64)
+    rng = np.random.default_rng([seed, 7])
+    w = max(1, min(windows, n))
+    size, stratum = -(-n // w), n_train // w
+    if size > stratum:  # most of the rows: one run
+        start = int(rng.integers(0, n_train - n + 1))
+        return np.arange(start, start + n, dtype=np.int64)
+    starts = np.arange(w) * stratum + rng.integers(0, stratum - size + 1, size=w)
+    return np.concatenate([np.arange(s, s + size) for s in starts])[:n].astype(np.int64)

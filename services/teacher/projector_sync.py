@@ -34,12 +34,33 @@ class ProjectorSync:
         self.name, self.namespace, self.poll_s = name, namespace, float(poll_s)
         self.dims, self.projected_dim, self.replica = dims, projected_dim, replica
         self._registry = get_or_create_registry(name, namespace)
+        self._initial = initial
         state = ray.get(self._registry.get.remote())
-        if state is None:
-            state = ray.get(self._registry.initialize.remote(initial().to_wire()))
-        self.current = Projection.from_wire(state)
+        self._current: Projection | None = None if state is None else Projection.from_wire(state)
         self._poller: asyncio.Task | None = None
         self._lock: asyncio.Lock | None = None
+
+    @property
+    def current(self) -> Projection:
+        """The projection held now. The fixed version 0 is made on first use, not at start-up: a PCA decodes and
+        forwards ``pca_rows`` rows, which a replica that only serves raw features (a cache build) never needs."""
+        if self._current is None:
+            import ray
+
+            state = ray.get(self._registry.get.remote())
+            if state is None:
+                state = ray.get(self._registry.initialize.remote(self._initial().to_wire()))
+            self._current = Projection.from_wire(state)
+        return self._current
+
+    @current.setter
+    def current(self, value: Projection) -> None:
+        self._current = value
+
+    @property
+    def held(self) -> Projection | None:
+        """The projection held now, or None while version 0 is not made yet (``current`` makes it)."""
+        return self._current
 
     @property
     def version(self) -> int:
@@ -47,7 +68,7 @@ class ProjectorSync:
 
     def adopt(self, state: dict[str, Any] | None) -> bool:
         """Hold ``state`` if it is newer than what this replica holds."""
-        if state is not None and int(state["version"]) > self.current.version:
+        if state is not None and (self._current is None or int(state["version"]) > self._current.version):
             self.current = Projection.from_wire(state)
             log.info("replica %s adopted projector v%s (%s)", self.replica, self.current.version, self.current.kind)
             return True

@@ -72,8 +72,9 @@ class TeacherReplica:
                                             projected_dim=self.core.projected_dim, replica=self.replica)
         self._writers: dict[tuple, Any] = {}  # cache writers of write_chunk, by (uri, endpoint, manifest)
         self.rss_start = rss_bytes()
-        log.info("teacher replica %s ready: taps %s, projector v%s", self.replica, self.core.taps,
-                 self.projector_sync.version)
+        held = self.projector_sync.held
+        log.info("teacher replica %s ready: taps %s, projector %s", self.replica, self.core.taps,
+                 f"v{held.version}" if held else "v0 made on the first projected request")
 
     def __del__(self) -> None:
         batcher = getattr(self, "batcher", None)
@@ -95,12 +96,16 @@ class TeacherReplica:
         return self.projector_sync.current.to_wire()
 
     # -- compute ----------------------------------------------------------------------------------------
+    async def _projection(self, mode: str, min_version: int | None):
+        """The projection a request uses: only projected requests need one (raw ones never make version 0)."""
+        return await self.projector_sync.for_request(min_version) if mode == "projected" else None
+
     async def infer(self, x, mode: str | None = None, dtype: str | None = None,
                     min_version: int | None = None) -> dict[str, Any]:
         """Features of inputs ``x`` (batch, *input_shape)."""
         mode, dtype = self.core.check_mode(mode, dtype)
         x = self.core.check_inputs(x)
-        projection = await self.projector_sync.for_request(min_version)
+        projection = await self._projection(mode, min_version)
         return await self.batcher.compute(x=x, mode=mode, dtype=dtype, projection=projection)
 
     async def features(self, ids, views=None, mode: str | None = None, dtype: str | None = None,
@@ -108,7 +113,7 @@ class TeacherReplica:
         """Features of training rows ``ids`` (views: one per id, default 0), inputs built on the server."""
         mode, dtype = self.core.check_mode(mode, dtype)
         ids, views = self.core.check_ids(ids, views)
-        projection = await self.projector_sync.for_request(min_version)
+        projection = await self._projection(mode, min_version)
         r = await self.batcher.compute(ids=ids, views=views, mode=mode, dtype=dtype, projection=projection)
         r["ids"], r["views"] = ids, views
         return r
@@ -119,7 +124,7 @@ class TeacherReplica:
         batches are computed ahead of the one being sent. Every response names its step and replica."""
         mode, dtype = self.core.check_mode(mode, dtype)
         checked = [(int(b["step"]), *self.core.check_ids(b["ids"], b.get("views"))) for b in batches]
-        projection = await self.projector_sync.for_request(min_version)
+        projection = await self._projection(mode, min_version)
         pending: list[tuple[int, np.ndarray, np.ndarray, asyncio.Future]] = []
         todo = iter(checked)
         try:
@@ -189,9 +194,10 @@ class TeacherReplica:
 
     # -- status -----------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        p = self.projector_sync.current
-        return {**self.core.info(), "replica": self.replica, "projector_version": p.version,
-                "projector_kind": p.kind, "max_batch_size": self.limits.max_batch_size, **self.batcher.stats,
+        p = self.projector_sync.held  # not made here: version 0 is 0 of the job's fixed kind until first used
+        return {**self.core.info(), "replica": self.replica, "projector_version": p.version if p else 0,
+                "projector_kind": p.kind if p else self.options.projection, "projector_made": p is not None,
+                "max_batch_size": self.limits.max_batch_size, **self.batcher.stats,
                 "rss_bytes": rss_bytes(), "rss_start_bytes": self.rss_start}
 
     def check_health(self) -> None:

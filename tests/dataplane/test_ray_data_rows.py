@@ -56,9 +56,12 @@ def test_a_block_decodes_to_the_inputs_the_teacher_saw(cached_job):
     assert np.array_equal(rows["x"], expected.x)  # the student's replayed view, pixel for pixel
     teacher = runner(torch.from_numpy(rows["x"]))
     assert np.allclose(rows["f.embed"], teacher["embed"].numpy(), atol=1e-2)  # fp16 cache of the same forward
+    for cut in (slice(1, None, 2), slice(37, 38)):  # Ray Data may cut a block anywhere, through a sample's views
+        part = DecodeInputs(job_json)({k: v[cut] for k, v in block.items()})
+        assert np.array_equal(part["x"], expected.x[cut])
 
 
-def test_each_planning_reads_every_chunk_once_in_a_new_order_and_bytes_once_per_sample(cached_job):
+def test_each_planning_reads_every_chunk_once_in_a_new_order_and_every_row_its_bytes(cached_job):
     from ray.data.block import BlockAccessor
 
     from services.data.datasource import CacheRowsDatasource
@@ -72,9 +75,10 @@ def test_each_planning_reads_every_chunk_once_in_a_new_order_and_bytes_once_per_
         orders.append(order)
     assert len({tuple(o) for o in orders}) > 1
     block = BlockAccessor.for_block(source.read_block(2)).to_numpy()  # rows 200-299: samples 66 (views 2) .. 99
-    sizes = [len(b) for b in block["raw"]]
-    first = np.r_[True, block["sample"][1:] != block["sample"][:-1]]
-    assert all(n > 0 for n in np.asarray(sizes)[first]) and not any(np.asarray(sizes)[~first])
+    raw = list(block["raw"])  # every row its sample's stored bytes: Ray Data may cut or merge blocks anywhere
+    assert all(len(b) > 0 for b in raw)
+    for j in range(1, len(raw)):
+        assert (raw[j] == raw[j - 1]) == (block["sample"][j] == block["sample"][j - 1])
 
 
 def test_a_corrupted_chunk_stops_the_block_naming_it(cached_job):

@@ -132,6 +132,20 @@ def _online(served) -> OnlineFeatures:
     return OnlineFeatures(served.split, job.data, build_teacher(job, device="cpu"), job.data.batch_size, job.train.seed)
 
 
+def test_raw_requests_leave_the_projection_unmade_until_a_projected_one(served):
+    """A replica fits its PCA on the first projected request, not at start-up (a cache build never needs one).
+    The first test of the module: nothing has asked for a projected payload yet."""
+    h = served.handle
+    raw = h.features.remote(np.arange(8), mode="raw", dtype="fp32").result()
+    assert raw["projector_version"] is None
+    infos = h.broadcast("info").results(timeout_s=30)
+    assert len(infos) == 2 and not any(i["projector_made"] for i in infos)
+    assert all(i["projector_version"] == 0 and i["projector_kind"] == "pca" for i in infos)
+    proj = h.features.remote(np.arange(8), mode="projected", dtype="fp32").result()
+    assert proj["projector_version"] == 0 and proj["features"]["embed"].shape == (8, D_P)
+    assert sum(i["projector_made"] for i in h.broadcast("info").results(timeout_s=30)) >= 1
+
+
 # -- streaming ------------------------------------------------------------------------------------------
 def test_stream_epoch_delivers_every_id_once_and_matches_online(served):
     from services.teacher.stream import StreamFeatures
