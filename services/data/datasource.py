@@ -94,12 +94,17 @@ class CacheRowsDatasource(Datasource):
         if len(chunks) == 1:
             yield self.read_block(chunks[0])
             return
-        parts = [BlockAccessor.for_block(self.read_block(i)).to_numpy() for i in chunks]
-        cols = {k: _concat([p[k] for p in parts]) for k in parts[0]}
+        parts = [self.read_columns(i) for i in chunks]
+        cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         for pick in mix_window(cols["sample"], len(chunks), np.random.default_rng(list(seed))):
             yield BlockAccessor.batch_to_block({k: v[pick] for k, v in cols.items()})
 
     def read_block(self, chunk: int):
+        """Chunk ``chunk``'s rows as one block, in order."""
+        return BlockAccessor.batch_to_block(self.read_columns(chunk))
+
+    def read_columns(self, chunk: int) -> dict[str, np.ndarray]:
+        """Chunk ``chunk``'s rows as numpy columns (the encoded rows a 1-D object array)."""
         ctx = data_context(self.job_json)
         a, b = self.bounds[chunk]
         samples, views = rows_to_samples(a, b, self.views)
@@ -118,7 +123,7 @@ class CacheRowsDatasource(Datasource):
         for name, uri in self.caches:
             block.update(_teacher_columns(_handle(uri, self.s3_endpoint), chunk, name))
         block.setdefault(AUG, np.zeros((b - a, 0), dtype=np.float32))
-        return BlockAccessor.batch_to_block(block)
+        return block
 
 
 def _teacher_columns(handle: CacheHandle, chunk: int, teacher: str | None) -> dict[str, np.ndarray]:
@@ -148,7 +153,7 @@ def _teacher_columns(handle: CacheHandle, chunk: int, teacher: str | None) -> di
 
 def mix_window(samples: np.ndarray, parts: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Row indices of ``parts`` blocks that deal a window's samples out at random: every row of a sample goes
-    to the same block (its stored bytes travel once and are decoded once), blocks differ in rows by at most two
+    to the same block (so it is decoded once), blocks differ in rows by at most two
     samples' rows (a sample cut by a chunk boundary has fewer here), and each block's rows come in random order
     (a sample's views end up apart)."""
     uniq, inverse = np.unique(samples, return_inverse=True)
@@ -163,15 +168,6 @@ def mix_window(samples: np.ndarray, parts: int, rng: np.random.Generator) -> lis
         rows = np.flatnonzero(block_of == k)
         out.append(rows[rng.permutation(len(rows))])
     return [rows for rows in out if len(rows)]
-
-
-def _concat(columns: list[np.ndarray]) -> np.ndarray:
-    """One column of several blocks (object columns, the encoded rows, stay object arrays)."""
-    if columns[0].dtype == object:
-        out = np.empty(sum(len(c) for c in columns), dtype=object)
-        out[:] = [v for c in columns for v in c]
-        return out
-    return np.concatenate(columns)
 
 
 _HANDLES: dict[tuple[str, str | None], CacheHandle] = {}

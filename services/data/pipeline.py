@@ -37,5 +37,5 @@ def cache_training_dataset(job: JobSpec, job_json: dict[str, Any] | None = None)
     # one chunk's decoded rows, not a window's.
     ds = ray.data.read_datasource(source, override_num_blocks=source.num_tasks, num_cpus=0,
                                   compute=ray.data.TaskPoolStrategy(size=n))
-    return ds.map_batches(decode_inputs, fn_kwargs={"job_json": job_json}, batch_size=spec.chunk_rows, batch_format="numpy",
-                          num_cpus=0, compute=ray.data.TaskPoolStrategy(size=n), zero_copy_batch=False)
+    return ds.map_batches(decode_inputs, fn_kwargs={"job_json": job_json}, batch_size=spec.chunk_rows,
+                          batch_format="numpy", num_cpus=0, compute=ray.data.TaskPoolStrategy(size=n), zero_copy_batch=False)

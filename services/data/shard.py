@@ -28,7 +28,7 @@ class ShardFeatures:
     from its blocks in the order they come (the pipeline's blocks are already mixed by windows of
     ``shuffle_window`` chunks: ``services.data.datasource``)."""
 
-    def __init__(self, job: JobSpec, split: DataSplit, shard, num_classes: int, chunk_rows: int) -> None:
+    def __init__(self, job: JobSpec, split: DataSplit, shard, num_classes: int) -> None:
         self.job, self.split, self.shard, self.num_classes = job, split, shard, num_classes
 
     def epoch(self, epoch: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:

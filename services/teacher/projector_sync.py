@@ -62,10 +62,6 @@ class ProjectorSync:
         """The projection held now, or None while version 0 is not made yet (``current`` makes it)."""
         return self._current
 
-    @property
-    def version(self) -> int:
-        return self.current.version
-
     def adopt(self, state: dict[str, Any] | None) -> bool:
         """Hold ``state`` if it is newer than what this replica holds."""
         if state is not None and (self._current is None or int(state["version"]) > self._current.version):

@@ -22,7 +22,7 @@ def make_feed(job: JobSpec, split: DataSplit, config: dict[str, Any]):
 
             uri = job.teacher_cache_uri(job.teacher_names()[0])  # several teachers: their caches share the layout
             m = CacheHandle.open(uri, s3_endpoint=job.features.cache.s3_endpoint, read_only=True).manifest
-            return ShardFeatures(job, split, shard, m.num_classes or 0, m.chunk_rows)
+            return ShardFeatures(job, split, shard, m.num_classes or 0)
         from kdcore.cache.jobs import CachedFeatures
 
         return CachedFeatures.open(job, split, config.get("cache_manifests" if job.multi_teacher else "cache_manifest"))
