@@ -97,16 +97,16 @@ def _shift(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
-def _resized_crops(spec: AugmentSpec, x: np.ndarray, params: np.ndarray) -> np.ndarray:
+def _resized_crops(spec: AugmentSpec, x: np.ndarray, params: np.ndarray, rows: list[int]) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
     size = spec.size or x.shape[-1]
-    out = np.empty((len(x), *x.shape[1:-2], size, size), dtype=np.float32)
+    out = np.empty((len(rows), *x.shape[1:-2], size, size), dtype=np.float32)
     src = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    for i in range(len(x)):
+    for i, j in enumerate(rows):
         top, left, h, w, flip = (int(v) for v in params[i])
-        crop = src[i:i + 1, ..., top:top + h, left:left + w]
+        crop = src[j:j + 1, ..., top:top + h, left:left + w]
         if (h, w) != (size, size):
             crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         if flip:
@@ -115,16 +115,19 @@ def _resized_crops(spec: AugmentSpec, x: np.ndarray, params: np.ndarray) -> np.n
     return out
 
 
-def apply_augment(spec: AugmentSpec, x: np.ndarray, params: np.ndarray) -> np.ndarray:
-    """Apply the per-row ``params`` to a batch ``x`` (B, C, H, W); returns a new array."""
+def apply_augment(spec: AugmentSpec, x: np.ndarray, params: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Apply the per-row ``params`` (N, P) to images ``x`` (B, C, H, W); returns a new (N, C, H', W') array.
+    Output row ``i`` is made from ``x[rows[i]]`` (default ``rows = arange(B)``, N = B), so the views of a
+    sample decoded once are cut from it without first copying it once per view."""
     if spec.kind == "none" or params.shape[1] == 0:
-        return x
+        return x if rows is None else x[rows]
+    index = list(range(len(x))) if rows is None else np.asarray(rows, dtype=np.int64).tolist()
     if spec.kind == "random_resized_crop":
-        return _resized_crops(spec, x, params)
-    out = np.empty_like(x)
-    for i in range(len(x)):
+        return _resized_crops(spec, x, params, index)
+    out = np.empty((len(index), *x.shape[1:]), dtype=x.dtype)
+    for i, j in enumerate(index):
         dy, dx, third = (int(v) for v in params[i])
-        img = _shift(x[i], dy, dx) if (dy or dx) else x[i].copy()
+        img = _shift(x[j], dy, dx) if (dy or dx) else x[j].copy()
         if spec.kind == "shift_noise" and spec.noise_std > 0 and (dy or dx or third):
             img = img + np.random.default_rng(third).normal(0, spec.noise_std, img.shape).astype(img.dtype)
         elif spec.kind == "crop_flip" and spec.flip and third:

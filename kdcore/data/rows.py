@@ -65,11 +65,12 @@ class RowMapper:
         """Augmentation parameters of each (sample, view), from the seeded stateless draw."""
         return augment_params(self.aug, self.split.ids_train[samples], views, self._hw)
 
-    def replay(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
-        """Apply stored parameters to normalised inputs ``x``: exactly the view the parameters describe."""
+    def replay(self, x: np.ndarray, params: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Apply stored parameters to normalised inputs ``x``: exactly the view the parameters describe. With
+        ``rows``, output row ``i`` is the view ``params[i]`` of ``x[rows[i]]`` (a sample's views from one decode)."""
         if self.aug.kind == "none" or params.shape[1] == 0:
-            return x
-        return apply_augment(self.aug, x, params)
+            return x if rows is None else x[rows]
+        return apply_augment(self.aug, x, params, rows)
 
     def inputs(self, samples: np.ndarray, views: np.ndarray | int = 0, params: np.ndarray | None = None) -> Inputs:
         """Inputs of training samples ``samples`` (any order) under ``views`` (or the given ``params``)."""
@@ -87,7 +88,7 @@ class RowMapper:
         s0 = int(samples[0])
         base = self.split.train_window(s0, int(samples[-1]) + 1)
         params = self.params(samples, views)
-        return Inputs(samples, views, self.replay(base[samples - s0], params), params)
+        return Inputs(samples, views, self.replay(base, params, samples - s0), params)
 
     def samples_of_ids(self, ids: np.ndarray) -> np.ndarray:
         """Training-row index of each sample id; a clear error names ids that are not training rows."""

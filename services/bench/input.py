@@ -102,10 +102,10 @@ class TightLoop:
         uniq, inverse = np.unique(samples, return_inverse=True)  # views share a decode
         pick = (split.train_rows[uniq] - first).tolist()
         stored = [raw[j] for j in pick] if isinstance(raw, list) else np.asarray(raw)[pick]
-        x = split.norm(reader.finish(reader.decode(stored, int(split.train_rows[uniq[0]]))), inplace=True)[inverse]
+        x = split.norm(reader.finish(reader.decode(stored, int(split.train_rows[uniq[0]]))), inplace=True)
         if aug is None:
             aug = np.zeros((b - a, 0), np.float32)
-        x = self.mapper.replay(x, aug)
+        x = self.mapper.replay(x, aug, inverse)
         assert len(x) == b - a
         return b - a
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from pathlib import Path
 
 # First match wins, so the specific titles come before the loose patterns below them.
@@ -87,10 +88,14 @@ def tree(root: int) -> dict[int, tuple[str, int, int, int]]:
 class TreeSampler:
     """Samples the tree under ``root`` every ``every_s`` in a thread. Per kind: ``peaks`` (MB, the peak RSS of
     one process), ``anon_peaks`` and ``shmem_peaks`` (its private and shared parts), ``counts`` (the most
-    processes seen at once) and ``titles`` (a few command lines); ``total_peak_mb``: the whole tree's peak."""
+    processes seen at once) and ``titles`` (a few command lines); ``total_peak_mb``: the whole tree's peak;
+    ``anon_series``: per kind, the peak private MB of one process in each ``bucket_s`` since the start (a flat
+    series is a bound, a ramp a leak)."""
 
-    def __init__(self, root: int, every_s: float = 0.5) -> None:
-        self.root, self.every_s = root, every_s
+    def __init__(self, root: int, every_s: float = 0.5, bucket_s: float = 10.0) -> None:
+        self.root, self.every_s, self.bucket_s = root, every_s, bucket_s
+        self.anon_series: dict[str, list[float]] = {}
+        self._t0 = time.monotonic()
         self.peaks: dict[str, float] = {}
         self.anon_peaks: dict[str, float] = {}
         self.shmem_peaks: dict[str, float] = {}
@@ -127,6 +132,10 @@ class TreeSampler:
             mb = rss / 2**20
             self.peaks[kind] = max(self.peaks.get(kind, 0.0), mb)
             self.anon_peaks[kind] = max(self.anon_peaks.get(kind, 0.0), anon / 2**20)
+            series = self.anon_series.setdefault(kind, [])
+            b = int((time.monotonic() - self._t0) / self.bucket_s)
+            series.extend([0.0] * (b + 1 - len(series)))
+            series[b] = max(series[b], round(anon / 2**20, 1))
             self.shmem_peaks[kind] = max(self.shmem_peaks.get(kind, 0.0), shm / 2**20)
             counts[kind] = counts.get(kind, 0) + 1
             total += mb

@@ -54,6 +54,7 @@ from services.bench.imagejob import crop_of, decoded_gb, image_job, marker_build
 from services.bench.procmem import TreeSampler
 
 RSS_MIN_MB = 50.0
+SERIES_KINDS = ("train_worker", "data_decode", "teacher_replica", "kd_driver")  # their private MB every 10 s
 TARGETS = {"rss_growth": "<= 1.15", "throughput_ratio": ">= 0.9"}
 
 
@@ -124,7 +125,7 @@ def run_kd(spec: dict[str, Any], work: Path, log: Callable[[str], None] | None =
     metrics = json.loads((Path(spec["output"]["dir"]) / name / "metrics.json").read_text())
     return {"peaks": dict(sampler.peaks), "anon_peaks": dict(sampler.anon_peaks),
             "shmem_peaks": dict(sampler.shmem_peaks), "total_peak_mb": sampler.total_peak_mb,
-            "counts": dict(sampler.counts),
+            "counts": dict(sampler.counts), "anon_series": dict(sampler.anon_series),
             "titles": {k: sorted(v) for k, v in sampler.titles.items()}, "samples": sampler.samples, "lines": lines, "metrics": metrics,
             "wall_s": wall, "log": str(log_path)}
 
@@ -196,7 +197,7 @@ def run(rows: int = 11_000, image_size: int = 128, workdir: str | os.PathLike | 
             r = run_kd(spec, work)
             fig = run_figures(r, spec, out["cache_rows"][key])
             runs[key] = {**fig, "peaks": r["peaks"], "anon_peaks": r["anon_peaks"], "shmem_peaks": r["shmem_peaks"],
-                         "total_peak_mb": r["total_peak_mb"], "counts": r["counts"],
+                         "total_peak_mb": r["total_peak_mb"], "counts": r["counts"], "anon_series": r["anon_series"],
                          "titles": r["titles"], "samples": r["samples"], "wall_s": r["wall_s"],
                          "log": r["log"]}
             say(f"    done in {r['wall_s']:.0f} s: build {fig['build_rows_per_s']:,.0f} rows/s, epoch "
@@ -212,6 +213,7 @@ def run(rows: int = 11_000, image_size: int = 128, workdir: str | os.PathLike | 
     out["rss_peak_mb"] = {k: dict(sorted(v["peaks"].items())) for k, v in runs.items()}
     out["rss_anon_peak_mb"] = {k: dict(sorted(v["anon_peaks"].items())) for k, v in runs.items()}
     out["rss_shmem_peak_mb"] = {k: dict(sorted(v["shmem_peaks"].items())) for k, v in runs.items()}
+    out["rss_anon_series_mb"] = {k: {kind: v["anon_series"].get(kind, []) for kind in SERIES_KINDS} for k, v in runs.items()}
     out["object_spilling"] = {k: "ray_spill_worker" in v["peaks"] for k, v in runs.items()}
     out["rss_total_peak_mb"] = {k: v["total_peak_mb"] for k, v in runs.items()}
     out["processes_per_kind"] = {k: v["counts"] for k, v in runs.items()}

@@ -62,3 +62,17 @@ def test_ids_map_back_to_training_rows(tmp_path):
 
     with pytest.raises(DataError, match="unknown sample id"):
         mapper.samples_of_ids(np.array([-1]))
+
+
+def test_views_cut_from_one_decode_by_row_index_equal_views_of_copied_rows():
+    from kdcore.data.augment import apply_augment
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 3, 24, 24)).astype(np.float32)
+    rows = np.array([0, 0, 3, 1, 3, 3, 4])  # a sample's views point at its one decoded image
+    ids = rng.integers(0, 1000, size=len(rows))
+    for spec in (AugmentSpec(kind="random_resized_crop", size=16, flip=True, seed=1),
+                 AugmentSpec(kind="crop_flip", max_shift=2, flip=True, seed=1),
+                 AugmentSpec(kind="shift_noise", max_shift=2, noise_std=0.1, seed=1), AugmentSpec(kind="none")):
+        params = augment_params(spec, ids, np.arange(len(rows)) % 2, (24, 24))
+        assert np.array_equal(apply_augment(spec, x, params, rows), apply_augment(spec, x[rows], params)), spec.kind
