@@ -4,12 +4,11 @@ parameters joined with the stored (still encoded) input rows they were computed 
 A chunk is a contiguous range of cache rows, hence of training rows, hence one contiguous read of the
 source. Each epoch the chunks come in a new random order, grouped into windows of ``shuffle_window`` chunks;
 one read task per window reads its chunks (one sequential read each), deals the window's samples at random
-into as many blocks as it has chunks, or more where a chunk's rows decoded would exceed ``block_bytes`` (a
-sample's views stay in one block, so it is decoded once), and shuffles each block's rows. Consumers cut batches
-from the blocks as they come: the mixing a local shuffle buffer of the window's rows would give, with no buffer
-to fill and no copy in the training worker. Decoding and the augmentation replay are
-:class:`services.data.transforms.DecodeInputs` (``map_batches``), which Ray Data fuses into the read's task, one
-block at a time; any CPU node can run them.
+into as many blocks as it has chunks (a sample's views stay in one block, so it is decoded once) and shuffles
+each block's rows. Consumers cut batches from the blocks as they come: the mixing a local shuffle buffer of the
+window's rows would give, with no buffer to fill and no copy in the training worker. Decoding and the
+augmentation replay are :class:`services.data.transforms.DecodeInputs` (``map_batches``), which Ray Data fuses
+into the read's task, a block at a time; any CPU node can run them.
 """
 
 from __future__ import annotations
@@ -42,18 +41,16 @@ def raw_column(raw: Any) -> np.ndarray:
 
 class CacheRowsDatasource(Datasource):
     """Blocks of ``{row, sample, view, raw, aug, f.<layer>..., logits | logits_topk_*}``, as many per window of
-    ``window`` chunks as it has chunks, or more: ``block_bytes`` bounds a block's rows decoded (``window=1``: a
-    chunk's rows, in order).
+    ``window`` chunks as it has chunks (``window=1``: a block is one chunk's rows, in order).
 
     ``uri``: the cache, or ``[(teacher, uri), ...]``: the caches of a multi-teacher job (they hold the same rows in
     the same chunks, checked), whose chunk ``i`` is read from each and joined: features as ``f.<teacher>/<layer>``
     and logits (top-k ones filled in) as ``f.<teacher>/logits``, the keys the distiller reads."""
 
     def __init__(self, job_json: dict[str, Any], uri: str | list[tuple[str, str]], s3_endpoint: str | None = None,
-                 chunks: list[int] | None = None, window: int = 1, block_bytes: int | None = None) -> None:
+                 chunks: list[int] | None = None, window: int = 1) -> None:
         super().__init__()
         self.job_json, self.s3_endpoint, self.window = job_json, s3_endpoint, max(1, int(window))
-        self.block_bytes = block_bytes
         self.caches: list[tuple[str | None, str]] = [(None, uri)] if isinstance(uri, str) else list(uri)
         handles = [CacheHandle.open(u, s3_endpoint=s3_endpoint, read_only=True) for _, u in self.caches]
         for (name, _), other in zip(self.caches[1:], handles[1:]):
@@ -93,29 +90,14 @@ class CacheRowsDatasource(Datasource):
 
     def read_window(self, chunks: list[int], seed: tuple[int, ...]) -> Iterator[Any]:
         """The blocks of one window: each chunk read whole, the samples dealt at random into ``len(chunks)``
-        blocks or more (``blocks_of``), each block's rows shuffled (seeded by ``seed``). One chunk alone comes back
-        in order."""
-        if len(chunks) == 1:  # in order, cut into runs where its decoded rows would exceed ``block_bytes``
-            cols = self.read_columns(chunks[0])
-            rows = len(cols["sample"])
-            parts = self.blocks_of(rows, 1)
-            for k in range(parts):
-                a, b = k * rows // parts, (k + 1) * rows // parts
-                yield BlockAccessor.batch_to_block({c: v[a:b] for c, v in cols.items()})
+        blocks, each block's rows shuffled (seeded by ``seed``). One chunk alone comes back as it is."""
+        if len(chunks) == 1:
+            yield self.read_block(chunks[0])
             return
         parts = [self.read_columns(i) for i in chunks]
         cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        for pick in mix_window(cols["sample"], self.blocks_of(len(cols["sample"]), len(chunks)),
-                               np.random.default_rng(list(seed))):
+        for pick in mix_window(cols["sample"], len(chunks), np.random.default_rng(list(seed))):
             yield BlockAccessor.batch_to_block({k: v[pick] for k, v in cols.items()})
-
-    def blocks_of(self, rows: int, chunks: int) -> int:
-        """How many blocks a window of ``rows`` rows from ``chunks`` chunks is dealt into: one per chunk, or more
-        where a chunk's rows, decoded, would exceed ``block_bytes``."""
-        if not self.block_bytes:
-            return chunks
-        decoded = int(np.prod(data_context(self.job_json).mapper.input_shape)) * 4 + self.row_bytes
-        return max(chunks, -(-rows * decoded // self.block_bytes))
 
     def read_block(self, chunk: int):
         """Chunk ``chunk``'s rows as one block, in order."""

@@ -1,12 +1,12 @@
 """The job's Ray Data pipelines.
 
 ``cache_training_dataset``: cache chunks (in a new random order each epoch, ``CacheRowsDatasource.get_read_tasks``)
-joined with their input rows and mixed by windows of ``shuffle_window`` chunks into blocks of about
-``BLOCK_BYTES`` once decoded, decoded and augmented by ``map_batches`` one block at a time; Ray Data fuses the
-read and the decode into one task (``batch_size=None``: a ``batch_size`` would stop the fusion), so only decoded
-blocks reach the object store, never the encoded rows a second time, and the first block is ready after one
-block's decode, not a window's. A bounded number of those tasks run at once; Ray Train splits the dataset across
-the workers (``streaming_split``, equal shares), each worker cuts batches from its shard's blocks as they come.
+joined with their input rows and mixed by windows of ``shuffle_window`` chunks, decoded and augmented by
+``map_batches`` a block at a time; Ray Data fuses the read and the decode into one task (``batch_size=None``: a
+``batch_size`` would stop the fusion), so only decoded blocks reach the object store, never the encoded rows,
+and the first block is ready after one block's decode, not a window's. A bounded number of those tasks run at
+once; Ray Train splits the dataset across the workers (``streaming_split``, equal shares), each worker cuts
+batches from its shard's blocks as they come.
 Memory is bounded by Ray Data's streaming executor (a few blocks in flight per task, each task's window of
 encoded rows in its own heap), not by the dataset.
 """
@@ -20,11 +20,14 @@ from services.data.context import decode_tasks
 from services.data.datasource import CacheRowsDatasource
 from services.data.transforms import decode_inputs
 
-# Decoded bytes per block. Ray Data's default target (128 MiB) would be 850 rows of 3x112x112 float32: two
-# tasks' blocks in flight plus the consumers' would hold a 1 GiB store's worth, and the first batch would wait
-# for 850 rows' decode. Measured on 4,096 PNG rows (2 cores): 32 MiB blocks ran 1,280-1,390 rows/s with the first
-# batch at 1.1-1.4 s; 16 MiB 1,250-1,320; 8 MiB 940-1,140; unfused 512-row batches 1,040-1,210 and 2.5-2.9 s.
-BLOCK_BYTES = 32 * 2**20
+# The dataset's target block size. In the fused task Ray Data shapes blocks to it twice: the read's blocks of
+# encoded rows are merged up to it before each decode call, and the decoded blocks are sliced to it (zero-copy).
+# Ray Data's default (128 MiB) is 850 decoded rows of 3x112x112 float32: two tasks' blocks in flight plus the
+# consumers' would fill a 1 GiB store, and the first batch would wait for a decode of 3,000 encoded rows.
+# Measured on 4,096 PNG rows (2 cores, 3x128x128 -> 112): 24-32 MiB ran 1,190-1,390 rows/s with the first batch
+# at 1.0-1.4 s (blocks of 167 decoded rows); 16 MiB 1,250-1,320; 8 MiB 940-1,140; unfused (a map_batches
+# batch_size of 512 rows) 1,040-1,210 and 2.5-2.9 s.
+BLOCK_BYTES = 24 * 2**20
 
 
 def cache_training_dataset(job: JobSpec, job_json: dict[str, Any] | None = None):
@@ -34,20 +37,17 @@ def cache_training_dataset(job: JobSpec, job_json: dict[str, Any] | None = None)
     job_json = job_json or job.model_dump(mode="json")
     spec = job.features.cache
     caches = [(t, job.teacher_cache_uri(t)) for t in job.teacher_names()] if job.multi_teacher else spec.uri
-    source = CacheRowsDatasource(job_json, caches, spec.s3_endpoint, window=spec.shuffle_window,
-                                 block_bytes=BLOCK_BYTES)
+    source = CacheRowsDatasource(job_json, caches, spec.s3_endpoint, window=spec.shuffle_window)
     # Logical CPUs: 0. Ray Train's workers hold the CPUs of their placement group; reads and decodes that asked
     # for CPUs on top would never be scheduled on a small machine (2 CPUs, 2 workers), and the job would hang.
     # They run beside training on whatever cores are free; the decode pool's size bounds what they take.
     # Decoding runs as tasks in Ray's pooled worker processes (an actor pool would start again every epoch).
     n = decode_tasks(job)
     # One block request per read task (asked for more, Ray Data would split each task's output by rows; every row
-    # carries its sample's stored bytes, so a cut block still decodes, but the blocks would be no better mixed).
-    # Ray Data merges a task's blocks below its target block size and slices those 1.5x above it: the target is
-    # set under the dealt blocks' size, so they pass as they are.
+    # carries its sample's stored bytes, so a block cut or merged anywhere still decodes).
     ds = ray.data.read_datasource(source, override_num_blocks=source.num_tasks, num_cpus=0,
                                   compute=ray.data.TaskPoolStrategy(size=n))
     ds = ds.map_batches(decode_inputs, fn_kwargs={"job_json": job_json}, batch_size=None, batch_format="numpy",
                         num_cpus=0, compute=ray.data.TaskPoolStrategy(size=n), zero_copy_batch=False)
-    ds.context.target_max_block_size = BLOCK_BYTES * 3 // 4  # this dataset's own context (a copy)
+    ds.context.target_max_block_size = BLOCK_BYTES  # this dataset's own context (a copy)
     return ds
