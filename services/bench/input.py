@@ -25,11 +25,13 @@ against that (tighter, reachable) limit.
 with their stored input rows, decoded and augmented in ``map_batches`` by ``k = decode_tasks(job)`` tasks)
 iterated to the end in this process the way a training worker iterates its shard (the job's batch size, 2 batches
 prefetched; the blocks come already mixed by windows of ``shuffle_window`` chunks); batches are dropped. One untimed epoch
-first (Ray's pooled workers import torch once), then ``repeats`` timed epochs. The limit is the same work in a
+first (Ray's pooled workers import torch once), then ``repeats`` timed epochs; ``ratio_steady`` leaves out each
+epoch's start-up (the rows/s after its first batch: what a long epoch runs at). The limit is the same work in a
 tight single-process loop without Ray (``input_rows_per_s``: per chunk, its stored rows from the reader, the
 aug parameters from the cache chunk, one decode per sample, normalisation, ``RowMapper.replay``), one thread,
-alternating with the timed epochs: ``limit = input_rows_per_s x min(k, cores)``; ``ratio`` = pipeline / limit
-(target >= 0.8). Figures are medians over the repeats.
+with the Ray processes' allocator setting (``services.memtune.ENV``), alternating with the timed epochs:
+``limit = input_rows_per_s x min(k, cores)``; ``ratio`` = pipeline / limit (target >= 0.8). Figures are medians
+over the repeats.
 """
 
 from __future__ import annotations
@@ -153,16 +155,19 @@ def forward_rows_per_s(job, split, rows: int = 1024, repeats: int = 5) -> float:
 
 def pipeline_epoch(ds, job, epoch: int) -> dict[str, float]:
     """One pass over the Ray Data pipeline as a training worker iterates its shard; batches are dropped."""
-    n = 0
+    n = n_first = 0
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     t_first = None  # the execution's start-up and the first block
     for b in ds.iter_batches(batch_size=job.data.batch_size, batch_format="numpy", prefetch_batches=2):
-        if t_first is None:
-            t_first = time.perf_counter() - t0
         n += len(b["x"])
+        if t_first is None:
+            t_first, n_first = time.perf_counter() - t0, n
     dt = time.perf_counter() - t0
+    after = dt - (t_first or 0.0)
     return {"rows": n, "seconds": dt, "rows_per_s": n / dt, "first_batch_s": t_first or float("nan"),
+            # the epoch after its first batch: the rate a long epoch runs at, start-up amortised
+            "steady_rows_per_s": (n - n_first) / after if after > 0 else float("nan"),
             "consumer_cpu_s": time.process_time() - cpu0}
 
 
@@ -220,6 +225,9 @@ def run(rows: int = 4096, image_size: int = 128, workdir: str | os.PathLike | No
             out["build_rows_per_s"], out["build_basis"] = out["build_rows_per_s_total"], "total"
 
         say("  limits in this process, one thread: teacher forward, build inputs ...")
+        from services.memtune import tune_malloc
+
+        tune_malloc(worker=True)  # the allocator of the replicas and decode tasks whose work the limits measure
         tight = TightLoop(job, split)
         out["chunks"] = tight.n_chunks
         out["forward_rows_per_s"] = forward_rows_per_s(job, split, repeats=max(3, repeats))
@@ -259,6 +267,10 @@ def run(rows: int = 4096, image_size: int = 128, workdir: str | os.PathLike | No
     out["limit"] = f"input_rows_per_s x min(decode_tasks={k}, cores={c})"
     out["ratio"] = out["pipeline_rows_per_s"] / out["limit_rows_per_s"]
     out["ratio_pair_median"] = statistics.median(p["rows_per_s"] / (t * out["limit_cores"]) for p, t in zip(pipe, loop))
+    out["pipeline_steady_rows_per_s"] = statistics.median(p["steady_rows_per_s"] for p in pipe)
+    out["ratio_steady"] = out["pipeline_steady_rows_per_s"] / out["limit_rows_per_s"]
+    # the consumer (a training worker) receives and batches on the same cores as the decode tasks here
+    out["pipeline_consumer_cpu_ms_per_row"] = 1e3 * out["pipeline_consumer_cpu_s"] / max(1, out["pipeline_rows_per_epoch"])
 
     fwd_cores = min(max(1, int(out["replicas"] * out["cpus_per_replica"])), c)
     out["forward_limit_rows_per_s"] = out["forward_rows_per_s"] * fwd_cores
@@ -270,6 +282,8 @@ def run(rows: int = 4096, image_size: int = 128, workdir: str | os.PathLike | No
     shared = c / (1 / out["forward_rows_per_s"] + 1 / out["build_input_rows_per_s"])
     out["build_shared_limit_rows_per_s"] = min(shared, out["build_limit_rows_per_s"])
     out["build_ratio_shared"] = out["build_rows_per_s"] / out["build_shared_limit_rows_per_s"]
+    # the most build_ratio can reach where the forwards and the input work share the cores (one machine)
+    out["build_ratio_ceiling_shared_cores"] = out["build_shared_limit_rows_per_s"] / out["build_limit_rows_per_s"]
     out["loadavg_after"] = os.getloadavg()[0]  # other work on the machine skews both sides
     out["samples"] = {"pipeline": [p["rows_per_s"] for p in pipe], "tight_loop": loop}
     return out
@@ -287,6 +301,8 @@ def lines(r: dict[str, Any]) -> list[str]:
            f"    tight loop, one process       {r['input_rows_per_s']:>10,.0f}",
            f"    limit = tight x {r['limit_cores']}            {r['limit_rows_per_s']:>10,.0f}",
            f"    ratio                         {r['ratio']:>10.3f}  (target {TARGETS['ratio']})",
+           f"    after the first batch         {r['pipeline_steady_rows_per_s']:>10,.0f}  ratio {r['ratio_steady']:.3f} "
+           f"(a long epoch's rate)",
            "  cache build (rows/s):",
            f"    build, steady ({r['build_basis']})        {r['build_rows_per_s']:>10,.0f}  (with the deployment's "
            f"start-up {r['build_rows_per_s_total']:,.0f})",
@@ -294,6 +310,7 @@ def lines(r: dict[str, Any]) -> list[str]:
            f"    build inputs, 1 thread        {r['build_input_rows_per_s']:>10,.0f}  -> limit "
            f"{r['build_input_limit_rows_per_s']:,.0f}",
            f"    build_ratio (vs the min)      {r['build_ratio']:>10.3f}  (target {TARGETS['build_ratio']})",
-           f"    vs the shared-core limit {r['build_shared_limit_rows_per_s']:,.0f}: {r['build_ratio_shared']:.3f}",
+           f"    vs the shared-core limit {r['build_shared_limit_rows_per_s']:,.0f}: {r['build_ratio_shared']:.3f} (on shared "
+           f"cores build_ratio can reach at most {r['build_ratio_ceiling_shared_cores']:.2f})",
            f"  load average {r['loadavg_before']:.1f} before, {r['loadavg_after']:.1f} after (other work skews both sides)"]
     return out

@@ -34,6 +34,6 @@ class DecodeInputs:
         uniq, first, inverse = np.unique(samples, return_index=True, return_inverse=True)  # views share a decode
         stored = [raw[j] for j in first.tolist()] if raw.dtype == object else raw[first]
         x = reader.finish(reader.decode(stored, int(split.train_rows[uniq[0]]) if len(uniq) else 0))
-        x = split.norm(x)
+        x = split.norm(x, inplace=x.flags.owndata)  # a fresh decode is ours to overwrite
         batch["x"] = ctx.mapper.replay(x, np.asarray(batch["aug"], dtype=np.float32), inverse)
         return batch

@@ -23,7 +23,8 @@ INPUT_KEYS = ["rows", "image_size", "views", "chunk_rows", "cache_rows", "decode
               "pipeline_rows_per_epoch", "input_rows_per_s", "limit_cores",
               "limit_rows_per_s", "limit", "ratio", "ratio_pair_median", "forward_limit_rows_per_s",
               "build_input_limit_rows_per_s", "build_limit_rows_per_s", "build_limit", "build_ratio",
-              "build_shared_limit_rows_per_s", "build_ratio_shared", "samples"]
+              "build_shared_limit_rows_per_s", "build_ratio_shared", "samples", "pipeline_steady_rows_per_s",
+              "ratio_steady", "pipeline_consumer_cpu_ms_per_row", "build_ratio_ceiling_shared_cores"]
 
 
 def _positive(value) -> bool:
@@ -69,9 +70,14 @@ def test_bench_input_small(ray_clean, tmp_path):
     assert [k for k in INPUT_KEYS if k not in r] == []
     assert r["cache_rows"] == 512 and r["pipeline_rows_per_epoch"] == 512
     for key in INPUT_KEYS:
-        if key.endswith(("_rows_per_s", "ratio", "_s")) or key in ("ratio_pair_median", "build_ratio_shared"):
+        if key.endswith(("_rows_per_s", "ratio", "_s")) or key in ("ratio_pair_median", "build_ratio_shared",
+                                                                              "ratio_steady"):
             assert _positive(r[key]), (key, r[key])
     assert r["limit_rows_per_s"] == pytest.approx(r["input_rows_per_s"] * min(r["decode_tasks"], r["cores"]))
     assert r["build_limit_rows_per_s"] == pytest.approx(min(r["forward_limit_rows_per_s"],
                                                             r["build_input_limit_rows_per_s"]))
-    assert "ratio" in "\n".join(lines(r))
+    assert r["ratio_steady"] == pytest.approx(r["pipeline_steady_rows_per_s"] / r["limit_rows_per_s"])
+    # on shared cores the build's limit is the tighter one: build_ratio = build_ratio_shared x that ceiling
+    assert 0 < r["build_ratio_ceiling_shared_cores"] <= 1
+    assert r["build_ratio"] == pytest.approx(r["build_ratio_shared"] * r["build_ratio_ceiling_shared_cores"])
+    assert "ratio" in "\n".join(lines(r)) and "after the first batch" in "\n".join(lines(r))

@@ -354,6 +354,9 @@ class HFDiskReader(RowReader):
                          f"0 ({list(check) if check else 'the others'}); every row must have the same shape (pad or "
                          "resize the arrays, or drop the odd rows)")
 
+    def decodes_images(self) -> bool:
+        return bool(self.spec.image_column)
+
     def decode(self, raw, start: int = 0) -> np.ndarray:
         s = self.spec
         if s.image_column:

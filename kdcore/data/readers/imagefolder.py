@@ -48,6 +48,9 @@ class ImageFolderReader(RowReader):
     def fetch(self, start: int, stop: int) -> list[bytes]:
         return [(self.root / f).read_bytes() for f in self.files[start:stop]]
 
+    def decodes_images(self) -> bool:
+        return True
+
     def decode(self, raw, start: int = 0) -> np.ndarray:
         return decode_images(list(raw), self.spec.image_size, self.spec.grayscale,
                              lambda i: str(self.root / self.files[start + i]))

@@ -111,6 +111,9 @@ class ParquetReader(RowReader):
             return [item for part in parts for item in part]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def decodes_images(self) -> bool:
+        return bool(self.spec.image_column)
+
     def decode(self, raw, start: int = 0) -> np.ndarray:
         s = self.spec
         if s.image_column:
