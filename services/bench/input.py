@@ -12,7 +12,8 @@ from the chunks' done markers (``services.bench.imagejob.marker_build_rate``: be
 quarter of the build; the teacher deployment's start-up is not counted, ``build_rows_per_s_total`` includes it). Its limits, measured in this process with one torch thread
 on the same inputs and scaled to the cores the build can use:
 
-- teacher forward: rows/s of the teacher on ``serve.max_batch_size`` batches of the job's augmented inputs,
+- teacher forward: rows/s of the teacher on ``serve.max_batch_size`` batches of the job's augmented inputs
+  (with the replicas' allocator setting, ``services.memtune.tune_for_models``),
   x min(replicas x CPUs per replica, cores);
 - build input: rows/s of ``RowMapper.cache_rows`` over whole chunks (one contiguous read, decode, normalise,
   draw and apply the augmentation: what the build computes per chunk), x cores.
@@ -29,7 +30,7 @@ first (Ray's pooled workers import torch once), then ``repeats`` timed epochs; `
 epoch's start-up (the rows/s after its first batch: what a long epoch runs at). The limit is the same work in a
 tight single-process loop without Ray (``input_rows_per_s``: per chunk, its stored rows from the reader, the
 aug parameters from the cache chunk, one decode per sample, normalisation, ``RowMapper.replay``), one thread,
-with the Ray processes' allocator setting (``services.memtune.ENV``), alternating with the timed epochs:
+with the decode tasks' allocator setting (``services.memtune.ENV``), alternating with the timed epochs:
 ``limit = input_rows_per_s x min(k, cores)``; ``ratio`` = pipeline / limit (target >= 0.8). Figures are medians
 over the repeats.
 """
@@ -225,12 +226,13 @@ def run(rows: int = 4096, image_size: int = 128, workdir: str | os.PathLike | No
             out["build_rows_per_s"], out["build_basis"] = out["build_rows_per_s_total"], "total"
 
         say("  limits in this process, one thread: teacher forward, build inputs ...")
-        from services.memtune import tune_malloc
+        from services.memtune import DATA_MMAP_THRESHOLD, tune_for_models, tune_malloc
 
-        tune_malloc(worker=True)  # the allocator of the replicas and decode tasks whose work the limits measure
         tight = TightLoop(job, split)
         out["chunks"] = tight.n_chunks
+        tune_for_models()  # each limit with the allocator setting of the processes whose work it measures
         out["forward_rows_per_s"] = forward_rows_per_s(job, split, repeats=max(3, repeats))
+        tune_malloc(DATA_MMAP_THRESHOLD)  # the decode tasks' (services.memtune.ENV)
         sub = list(range(min(tight.n_chunks, 8)))
         out["build_input_rows_per_s"] = statistics.median(tight.build_inputs(sub) for _ in range(repeats))
 

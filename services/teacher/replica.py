@@ -26,6 +26,7 @@ import numpy as np
 from ray import serve
 
 from kdcore.spec.job import JobSpec
+from services.memtune import tune_for_models
 from services.teacher.batching import Batcher
 from services.teacher.core import RequestError, TeacherCore
 from services.teacher.options import ServerOptions, batch_limits
@@ -60,6 +61,7 @@ class TeacherReplica:
         self.limits = batch_limits(spec)
         threads = spec.torch_threads or max(1, int(spec.num_cpus))
         torch.set_num_threads(threads)
+        tune_for_models()  # forwards reuse their activations' heap pages (services/memtune.py)
         device = "cuda" if spec.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.core = TeacherCore(self.job, device=device)
         self.batcher = Batcher(self.core, self.limits, threads)

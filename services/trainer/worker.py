@@ -22,6 +22,7 @@ from kdcore.checkpoints import load_checkpoint_file, save_checkpoint
 from kdcore.loop import build_session, evaluate_split, load_split, train_epoch
 from kdcore.spec.job import JobSpec
 from services.membank.client import RemoteBank
+from services.memtune import tune_for_models
 from services.trainer.feeds import make_feed, teacher_shapes
 
 
@@ -48,6 +49,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(job.train.torch_threads or max(1, int(job.train.cpus_per_worker)))
+    tune_for_models()  # steps reuse their activations' heap pages (services/memtune.py)
     _event(config, rank, f"start pid={os.getpid()}")
     split = load_split(job)
     source = make_feed(job, split, config)
