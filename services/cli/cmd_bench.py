@@ -137,7 +137,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "deployment fills the cache, 2 Ray Train workers, 1 epoch, random resized crops + flips) while "
                         "sampling every process's resident memory, and report the peak per process kind, the largest "
                         "4N/N ratio (target <= 1.15) and the cache build's and the epoch's rows/s 4N vs N (target "
-                        ">= 0.9). Takes ~10-15 minutes at the defaults on 2 cores.")
+                        ">= 0.9). Takes ~3-4 minutes at the defaults on 2 cores (~8 when it writes the datasets "
+                        "first).")
     b.add_argument("--rows", type=int, default=11_000, help="N (default 11000; 4N rows are generated)")
     b.add_argument("--image-size", type=int, default=128, help="image side in pixels (default 128)")
     b.add_argument("--epochs", type=int, default=1, help="student epochs (default 1; with more, the first is not timed)")
