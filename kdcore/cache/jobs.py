@@ -39,7 +39,7 @@ def job_manifest(job: JobSpec, split: DataSplit, runner: TeacherRunner) -> Manif
         teacher=teacher_fingerprint(runner.model, arch),
         dataset=split.fingerprint(),
         n_samples=split.n_train, layers=layers, num_classes=int(shapes[LOGITS][0]),
-        views=job.data.views, augmentation=job.data.augment.model_dump(mode="json"), aug_seed=job.data.augment.seed,
+        views=job.data.views, augmentation=mapper.augmentation_record(), aug_seed=job.data.augment.seed,
         aug_params=n_params(job.data.augment), spec=job.features.cache, teacher_name=job.view_of)
 
 

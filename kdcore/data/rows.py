@@ -5,6 +5,10 @@ Cache rows follow the training rows' order with each sample's views adjacent: ro
 ``r // views``, view ``r % views``. A contiguous range of cache rows is therefore a contiguous range of
 training rows, which is a contiguous source range: the cache build, the teacher replicas, the stream, the
 training loader and the HTTP ``/v1/features`` endpoint all read inputs through here, in windows.
+
+Decoded images are augmented as uint8 pixels (``RowMapper.pixels``; ``kdcore.data.augment.PIXEL_KINDS``) and
+become model inputs in ``to_model`` (``normalise(pixels / 255)``), so a pipeline can carry a view as pixels (a
+quarter of float32's bytes) and convert it where the model runs, to the same numbers.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kdcore.data.augment import apply_augment, augment_params, n_params, output_shape
+from kdcore.data.augment import PIXEL_KINDS, apply_augment, apply_augment_pixels, augment_params, n_params, output_shape
+from kdcore.data.images import pixels_to_float
 from kdcore.data.splits import DataSplit
 from kdcore.errors import DataError
 from kdcore.spec.data import DataSpec
@@ -31,7 +36,7 @@ class Inputs:
 
     samples: np.ndarray  # (n,) training-row indices
     views: np.ndarray  # (n,) view of each
-    x: np.ndarray  # (n, ...) float32, normalised and augmented
+    x: np.ndarray  # (n, ...) float32, normalised and augmented (uint8 (n, H, W, C) pixels: cache_rows(pixels=True))
     params: np.ndarray  # (n, P) float32 augmentation parameters (P = 0 without augmentation)
 
 
@@ -41,6 +46,8 @@ class RowMapper:
     def __init__(self, split: DataSplit, data: DataSpec) -> None:
         self.split, self.data, self.aug = split, data, data.augment
         self.views = data.views
+        # views are made from uint8 pixels and normalised last (to_model): decoded images, pixel-wise kinds
+        self.pixels = bool(split.reader.decodes_images()) and self.aug.kind in PIXEL_KINDS
         shape = split.sample_shape
         self._hw = tuple(shape[-2:]) if len(shape) >= 3 else None
         if self.aug.kind != "none" and self._hw is None:
@@ -61,6 +68,14 @@ class RowMapper:
         """Per-row shape of what the models see (after augmentation)."""
         return output_shape(self.aug, tuple(self.split.sample_shape))
 
+    def augmentation_record(self) -> dict:
+        """What the cache's manifest records of how views are made: the augmentation spec, and for resized crops
+        of pixels the rounding to uint8 (a cache whose views were made in float32 does not serve this job)."""
+        rec = self.aug.model_dump(mode="json")
+        if self.pixels and self.aug.kind == "random_resized_crop":
+            rec["replay"] = "uint8 pixels"
+        return rec
+
     def params(self, samples: np.ndarray, views: np.ndarray | int) -> np.ndarray:
         """Augmentation parameters of each (sample, view), from the seeded stateless draw."""
         return augment_params(self.aug, self.split.ids_train[samples], views, self._hw)
@@ -72,23 +87,45 @@ class RowMapper:
             return x if rows is None else x[rows]
         return apply_augment(self.aug, x, params, rows)
 
+    def replay_pixels(self, px: np.ndarray, params: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """``replay`` on uint8 pixels (B, H, W, C) (``self.pixels``): the views as uint8 pixels; ``to_model``
+        turns them into the inputs the models see."""
+        return apply_augment_pixels(self.aug, px, params, rows)
+
+    def to_model(self, x: np.ndarray) -> np.ndarray:
+        """Model inputs: uint8 pixels (N, H, W, C) -> normalised float32 (N, C, H, W); float inputs pass as
+        they are."""
+        x = np.asarray(x)
+        return self.split.norm(pixels_to_float(x), inplace=True) if x.dtype == np.uint8 else x
+
+    def view_pixels(self, px: np.ndarray, params: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Model inputs of the views ``params`` of pixels ``px``: ``to_model(replay_pixels(...))``."""
+        return self.to_model(self.replay_pixels(px, params, rows))
+
     def inputs(self, samples: np.ndarray, views: np.ndarray | int = 0, params: np.ndarray | None = None) -> Inputs:
         """Inputs of training samples ``samples`` (any order) under ``views`` (or the given ``params``)."""
         samples = np.asarray(samples, dtype=np.int64)
         views = np.broadcast_to(np.asarray(views, dtype=np.int64), samples.shape).copy()
         params = self.params(samples, views) if params is None else np.asarray(params, dtype=np.float32)
+        if self.pixels:
+            return Inputs(samples, views, self.view_pixels(self.split.train_pixels(samples), params), params)
         x = self.replay(self.split.train_inputs(samples), params)
         return Inputs(samples, views, x, params)
 
-    def cache_rows(self, start: int, stop: int) -> Inputs:
-        """Inputs of cache rows [start, stop): one contiguous read of their training rows."""
+    def cache_rows(self, start: int, stop: int, pixels: bool = False) -> Inputs:
+        """Inputs of cache rows [start, stop): one contiguous read of their training rows. ``pixels``: where the
+        views are made from pixels (``self.pixels``), ``x`` holds their uint8 pixels (``to_model`` converts)."""
         samples, views = rows_to_samples(start, stop, self.views)
         if not len(samples):
             return self.inputs(samples, views)
-        s0 = int(samples[0])
-        base = self.split.train_window(s0, int(samples[-1]) + 1)
+        s0, s1 = int(samples[0]), int(samples[-1]) + 1
         params = self.params(samples, views)
-        return Inputs(samples, views, self.replay(base, params, samples - s0), params)
+        if self.pixels:
+            x = self.replay_pixels(self.split.train_pixels_window(s0, s1), params, samples - s0)
+            x = x if pixels else self.to_model(x)
+        else:
+            x = self.replay(self.split.train_window(s0, s1), params, samples - s0)
+        return Inputs(samples, views, x, params)
 
     def samples_of_ids(self, ids: np.ndarray) -> np.ndarray:
         """Training-row index of each sample id; a clear error names ids that are not training rows."""

@@ -135,6 +135,17 @@ class DataSplit:
             x, owned = x[self.train_rows[start:stop] - lo], True
         return self.norm(x, inplace=owned)
 
+    def train_pixels(self, samples: np.ndarray) -> np.ndarray:
+        """uint8 pixels (n, H, W, C) of training rows ``samples`` (readers that decode images)."""
+        return self.reader.take(self.train_rows[np.asarray(samples, dtype=np.int64)], pixels=True)
+
+    def train_pixels_window(self, start: int, stop: int) -> np.ndarray:
+        """uint8 pixels of training rows [start, stop): one contiguous source read (readers that decode images)."""
+        start, stop = max(0, start), min(self.n_train, stop)
+        lo, hi = (int(self.train_rows[start]), int(self.train_rows[stop - 1]) + 1) if stop > start else (0, 0)
+        px = self.reader.read_pixels(lo, hi)
+        return px[self.train_rows[start:stop] - lo] if hi - lo != stop - start else px
+
     def sample(self, k: int = 2) -> np.ndarray:
         """The first ``k`` training inputs (shape probes)."""
         return self.train_window(0, min(k, self.n_train))

@@ -51,6 +51,10 @@ class CacheSpec(Spec):
     decode_workers: int | None = Field(default=None, ge=1, description="Ray jobs: concurrent Ray Data tasks that "
                                        "read cache chunks and decode and augment their input rows for the training "
                                        "workers (loader ray_data; default 2).")
+    input_store_mb: int = Field(default=256, ge=32, description="Ray jobs: object-store memory (MB) the training "
+                                "input pipeline may hold in decoded blocks ahead of the workers (Ray Data's budget; "
+                                "loader ray_data). The shared memory the input touches stays within it, however big "
+                                "the dataset; the rest of the store is left to other work.")
 
 
 class FeaturesSpec(Spec):

@@ -24,12 +24,14 @@ against that (tighter, reachable) limit.
 
 **Student input.** ``pipeline_rows_per_s``: ``services.data.pipeline.cache_training_dataset`` (cache chunks joined
 with their stored input rows, decoded and augmented in ``map_batches`` by ``k = decode_tasks(job)`` tasks)
-iterated to the end in this process the way a training worker iterates its shard (the job's batch size, 2 batches
-prefetched; the blocks come already mixed by windows of ``shuffle_window`` chunks); batches are dropped. One untimed epoch
+iterated to the end in this process the way a training worker iterates its shard (``ShardFeatures``: the job's
+batch size, 2 batches prefetched, the views' pixels converted to model inputs; the blocks come already mixed by
+windows of ``shuffle_window`` chunks); batches are dropped. One untimed epoch
 first (Ray's pooled workers import torch once), then ``repeats`` timed epochs; ``ratio_steady`` leaves out each
 epoch's start-up (the rows/s after its first batch: what a long epoch runs at). The limit is the same work in a
 tight single-process loop without Ray (``input_rows_per_s``: per chunk, its stored rows from the reader, the
-aug parameters from the cache chunk, one decode per sample, normalisation, ``RowMapper.replay``), one thread,
+aug parameters from the cache chunk, one decode per sample, the views (``RowMapper.replay_pixels`` for images)
+and their conversion to model inputs batch by batch (``RowMapper.to_model``), one thread,
 with the decode tasks' allocator setting (``services.memtune.ENV``), alternating with the timed epochs:
 ``limit = input_rows_per_s x min(k, cores)``; ``ratio`` = pipeline / limit (target >= 0.8). Figures are medians
 over the repeats.
@@ -105,11 +107,17 @@ class TightLoop:
         uniq, inverse = np.unique(samples, return_inverse=True)  # views share a decode
         pick = (split.train_rows[uniq] - first).tolist()
         stored = [raw[j] for j in pick] if isinstance(raw, list) else np.asarray(raw)[pick]
-        x = split.norm(reader.finish(reader.decode(stored, int(split.train_rows[uniq[0]]))), inplace=True)
         if aug is None:
             aug = np.zeros((b - a, 0), np.float32)
-        x = self.mapper.replay(x, aug, inverse)
-        assert len(x) == b - a
+        start = int(split.train_rows[uniq[0]])
+        if self.mapper.pixels:  # views as pixels, converted batch by batch as the training worker does
+            px = self.mapper.replay_pixels(reader.decode_pixels(stored, start), aug, inverse)
+            bs = self.job.data.batch_size
+            n = sum(len(self.mapper.to_model(px[s:s + bs])) for s in range(0, len(px), bs))
+        else:
+            x = split.norm(reader.finish(reader.decode(stored, start)), inplace=True)
+            n = len(self.mapper.replay(x, aug, inverse))
+        assert n == b - a
         return b - a
 
     def epoch(self, chunks: list[int] | None = None) -> float:
@@ -154,14 +162,19 @@ def forward_rows_per_s(job, split, rows: int = 1024, repeats: int = 5) -> float:
     return statistics.median(rates)
 
 
-def pipeline_epoch(ds, job, epoch: int) -> dict[str, float]:
-    """One pass over the Ray Data pipeline as a training worker iterates its shard; batches are dropped."""
+def pipeline_epoch(ds, job, split, epoch: int) -> dict[str, float]:
+    """One pass over the Ray Data pipeline as a training worker iterates its shard (``ShardFeatures``: batches
+    cut from the blocks, the views converted to model inputs, the teacher outputs to tensors); batches are
+    dropped."""
+    from services.data.shard import ShardFeatures
+
+    feats = ShardFeatures(job, split, ds, num_classes=split.num_classes)
     n = n_first = 0
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     t_first = None  # the execution's start-up and the first block
-    for b in ds.iter_batches(batch_size=job.data.batch_size, batch_format="numpy", prefetch_batches=2):
-        n += len(b["x"])
+    for b in feats.epoch(epoch):
+        n += len(b.x)
         if t_first is None:
             t_first, n_first = time.perf_counter() - t0, n
     dt = time.perf_counter() - t0
@@ -240,12 +253,12 @@ def run(rows: int = 4096, image_size: int = 128, workdir: str | os.PathLike | No
             f"{repeats} epochs each ...")
         ds = cache_training_dataset(job)
         with quiet_ray_data():
-            first = pipeline_epoch(ds, job, epoch=0)  # untimed: pooled workers start and import torch
+            first = pipeline_epoch(ds, job, split, epoch=0)  # untimed: pooled workers start and import torch
             tight.epoch(sub[:2])  # warm the reader and the cache files
             pipe, loop = [], []
             for e in range(repeats):
                 loop.append(tight.epoch())
-                pipe.append(pipeline_epoch(ds, job, epoch=e + 1))
+                pipe.append(pipeline_epoch(ds, job, split, epoch=e + 1))
                 say(f"    epoch {e + 1}: pipeline {pipe[-1]['rows_per_s']:,.0f} rows/s, tight loop {loop[-1]:,.0f} rows/s")
     finally:
         if started is not None:

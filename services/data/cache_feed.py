@@ -5,8 +5,8 @@ and each whole chunk goes to the teacher deployment, whose replicas only run the
 chunk written; ``send_chunk`` is one chunk's call, which the build also makes from its own threads for datasets
 the replicas read themselves.
 Each task makes one contiguous read of its chunk's training rows (``RowMapper.cache_rows``: decode, normalise,
-augment with the seeded parameters), sends the inputs and their augmentation parameters to the replica's
-``write_chunk`` and waits for it. The tasks ask for no logical CPU (Ray Train and the replicas hold theirs)
+augment with the seeded parameters; decoded images as uint8 pixels, which the replica converts), sends the
+inputs and their augmentation parameters to the replica's ``write_chunk`` and waits for it. The tasks ask for no logical CPU (Ray Train and the replicas hold theirs)
 and their pool is bounded, so while one chunk of a replica is forwarded or written the next one is decoded;
 where they run is up to Ray, so CPU-only nodes take the decoding and the teacher's GPU node runs models.
 
@@ -43,7 +43,7 @@ def send_chunk(app: str, uri: str, manifest: dict, chunk: int, start: int, stop:
     A call whose replica died is sent again, up to ``retries`` times."""
     x = aug = None
     if mapper is not None:
-        got = mapper.cache_rows(start, stop)
+        got = mapper.cache_rows(start, stop, pixels=True)  # images as uint8 pixels: a quarter of the bytes
         x, aug = got.x, (got.params if manifest.get("aug_params", 0) > 0 else None)
     for attempt in range(retries + 1):
         try:

@@ -7,8 +7,9 @@ joined with their input rows and mixed by windows of ``shuffle_window`` chunks, 
 and the first block is ready after one block's decode, not a window's. A bounded number of those tasks run at
 once; Ray Train splits the dataset across the workers (``streaming_split``, equal shares), each worker cuts
 batches from its shard's blocks as they come.
-Memory is bounded by Ray Data's streaming executor (a few blocks in flight per task, each task's window of
-encoded rows in its own heap), not by the dataset.
+Memory is bounded by Ray Data's streaming executor, not by the dataset: the decoded blocks in the object store
+by ``features.cache.input_store_mb`` (``execution_options``: the dataset's Ray Data budget, which Ray Train
+must be given again, ``train_data_config``), each task's window of encoded rows by its own heap.
 """
 
 from __future__ import annotations
@@ -28,6 +29,26 @@ from services.data.transforms import decode_inputs
 # at 1.0-1.4 s (blocks of 167 decoded rows); 16 MiB 1,250-1,320; 8 MiB 940-1,140; unfused (a map_batches
 # batch_size of 512 rows) 1,040-1,210 and 2.5-2.9 s.
 BLOCK_BYTES = 24 * 2**20
+
+
+def execution_options(job: JobSpec):
+    """Ray Data's options for the job's input pipeline: the object-store budget ``input_store_mb`` on top of the
+    current defaults."""
+    import copy
+
+    import ray.data
+
+    opts = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
+    opts.resource_limits = opts.resource_limits.copy(object_store_memory=job.features.cache.input_store_mb * 2**20)
+    return opts
+
+
+def train_data_config(job: JobSpec):
+    """Ray Train's ``DataConfig`` for the ``train`` dataset: Train replaces a dataset's execution options with
+    its own when it splits it, so the pipeline's budget is handed to it here."""
+    from ray.train import DataConfig
+
+    return DataConfig(execution_options={"train": execution_options(job)})
 
 
 def cache_training_dataset(job: JobSpec, job_json: dict[str, Any] | None = None):
@@ -50,4 +71,5 @@ def cache_training_dataset(job: JobSpec, job_json: dict[str, Any] | None = None)
     ds = ds.map_batches(decode_inputs, fn_kwargs={"job_json": job_json}, batch_size=None, batch_format="numpy",
                         num_cpus=0, compute=ray.data.TaskPoolStrategy(size=n), zero_copy_batch=False)
     ds.context.target_max_block_size = BLOCK_BYTES  # this dataset's own context (a copy)
+    ds.context.execution_options = execution_options(job)
     return ds

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from kdcore.cache.layout import LOGITS, TOPK_IDX, TOPK_VAL
+from kdcore.data.rows import RowMapper
 from kdcore.data.splits import DataSplit
 from kdcore.feed import Batch
 from kdcore.spec.job import JobSpec
@@ -30,6 +31,7 @@ class ShardFeatures:
 
     def __init__(self, job: JobSpec, split: DataSplit, shard, num_classes: int) -> None:
         self.job, self.split, self.shard, self.num_classes = job, split, shard, num_classes
+        self.mapper = RowMapper(split, job.data)  # the views come as pixels for image data: to_model here
 
     def epoch(self, epoch: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
         bs = self.job.data.batch_size
@@ -40,6 +42,6 @@ class ShardFeatures:
                        for k, v in b.items() if k.startswith(FEATURE_PREFIX)}
             if LOGITS in b or TOPK_IDX in b:  # one teacher (several: their logits are f.<teacher>/logits columns)
                 teacher[LOGITS] = teacher_logits(b, self.num_classes)
-            yield Batch(x=torch.from_numpy(np.ascontiguousarray(b["x"], dtype=np.float32)),
+            yield Batch(x=torch.from_numpy(np.ascontiguousarray(self.mapper.to_model(b["x"]), dtype=np.float32)),
                         y=torch.from_numpy(self.split.y_train[s]), labeled=torch.from_numpy(self.split.labeled[s]),
                         idx=torch.from_numpy(s), teacher=teacher)

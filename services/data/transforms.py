@@ -1,4 +1,5 @@
-"""``map_batches`` steps: decode stored input rows, normalise, replay each row's augmentation."""
+"""``map_batches`` steps: decode stored input rows, replay each row's augmentation (decoded images as uint8
+pixels, converted to model inputs by the consumer: ``RowMapper.to_model``; other inputs normalised here)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ def decode_inputs(batch: dict[str, np.ndarray], job_json: dict[str, Any]) -> dic
 
 
 class DecodeInputs:
-    """``raw`` (stored rows) + ``aug`` (parameters) -> ``x``: the exact input the teacher saw for each row."""
+    """``raw`` (stored rows) + ``aug`` (parameters) -> ``x``: the exact input the teacher saw for each row, or for
+    decoded images (``RowMapper.pixels``) its uint8 pixels (N, H, W, C), a quarter of the bytes through the object
+    store; ``RowMapper.to_model`` makes them the same input."""
 
     def __init__(self, job_json: dict[str, Any]) -> None:
         self.job_json = job_json
@@ -33,7 +36,12 @@ class DecodeInputs:
         samples = np.asarray(batch["sample"])
         uniq, first, inverse = np.unique(samples, return_index=True, return_inverse=True)  # views share a decode
         stored = [raw[j] for j in first.tolist()] if raw.dtype == object else raw[first]
-        x = reader.finish(reader.decode(stored, int(split.train_rows[uniq[0]]) if len(uniq) else 0))
+        start = int(split.train_rows[uniq[0]]) if len(uniq) else 0
+        aug = np.asarray(batch["aug"], dtype=np.float32)
+        if ctx.mapper.pixels:
+            batch["x"] = ctx.mapper.replay_pixels(reader.decode_pixels(stored, start), aug, inverse)
+            return batch
+        x = reader.finish(reader.decode(stored, start))
         x = split.norm(x, inplace=x.flags.owndata)  # a fresh decode is ours to overwrite
-        batch["x"] = ctx.mapper.replay(x, np.asarray(batch["aug"], dtype=np.float32), inverse)
+        batch["x"] = ctx.mapper.replay(x, aug, inverse)
         return batch

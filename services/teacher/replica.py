@@ -164,7 +164,8 @@ class TeacherReplica:
     async def write_chunk(self, uri: str, manifest: dict, chunk: int, x=None, aug=None, writer: int = 1,
                           s3_endpoint: str | None = None) -> dict[str, Any]:
         """Forward one whole cache chunk and write it (arrays, then its done marker). ``x``: the chunk's inputs,
-        (rows, *input_shape) float32, as Ray Data tasks decoded and augmented them (``services.data.cache_feed``),
+        (rows, *input_shape) float32 or the views' uint8 pixels, as Ray Data tasks decoded and augmented them
+        (``services.data.cache_feed``),
         with ``aug`` their augmentation parameters; ``x=None``: this replica reads them from its own split (data
         held in memory). The write runs in a thread, so other calls' forwards go on meanwhile. A chunk whose
         features are not finite raises before anything of it is written."""
@@ -175,6 +176,7 @@ class TeacherReplica:
             x, aug = got.x, got.params if manifest["aug_params"] > 0 else None
         if len(x) != stop - start:
             raise RequestError(f"chunk {chunk} has {stop - start} rows, got inputs for {len(x)}")
+        x = self.core.mapper.to_model(x)  # pixels -> the normalised float32 inputs
         out = await self.batcher.compute(x=self.core.check_inputs(x), rows_are="cache rows", row0=start)
         if aug is not None:
             out["aug"] = np.asarray(aug, dtype=np.float32)

@@ -116,15 +116,17 @@ def train_student(job: JobSpec, out_dir: str | Path | None = None, extra_config:
         resources = {"CPU": job.train.cpus_per_worker}
         if use_gpu:
             resources["GPU"] = job.train.gpus_per_worker
-        datasets = {}
+        datasets, data_config = {}, {}
         if job.features.mode == "cache" and uses_ray_data(job):  # several teachers: chunks joined across caches
-            from services.data.pipeline import cache_training_dataset
+            from services.data.pipeline import cache_training_dataset, train_data_config
 
             datasets["train"] = cache_training_dataset(job, config["job"])
+            data_config["dataset_config"] = train_data_config(job)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=config,
             datasets=datasets or None,
+            **data_config,
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=job.train.num_workers, use_gpu=use_gpu,
                                          resources_per_worker=resources),

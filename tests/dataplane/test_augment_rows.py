@@ -45,10 +45,56 @@ def test_the_student_replays_the_teachers_view_pixel_for_pixel(tmp_path):
     order = np.random.default_rng(0).permutation(60)
     student = mapper.inputs(teacher.samples[order], params=teacher.params[order])
     assert np.array_equal(student.x, teacher.x[order])
-    # per-channel normalisation happened before the crop: view 0 is the normalised centre crop
+    # view 0 is the normalised centre crop
     raw = split.reader.read(int(split.train_rows[10]), int(split.train_rows[10]) + 1)[0]
     expected = (raw - np.array([0.5, 0.4, 0.3])[:, None, None]) / np.array([0.2, 0.25, 0.3])[:, None, None]
     assert np.allclose(teacher.x[0], expected[:, 4:20, 4:20], atol=1e-6)
+
+
+def test_views_of_decoded_images_are_made_from_pixels_and_normalised_last(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    data, split = _split(tmp_path, views=3, normalize=True, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3],
+                         augment={"kind": "random_resized_crop", "size": 16, "flip": True, "seed": 1})
+    mapper = RowMapper(split, data)
+    assert mapper.pixels and mapper.augmentation_record()["replay"] == "uint8 pixels"
+    px = mapper.cache_rows(30, 90, pixels=True)
+    assert px.x.dtype == np.uint8 and px.x.shape == (60, 16, 16, 3)  # what the pipelines carry: a quarter of float32
+    x = mapper.cache_rows(30, 90).x
+    assert x.dtype == np.float32 and np.array_equal(mapper.to_model(px.x), x)
+    # each view: the crop of the sample's pixels, resized by torch's uint8 antialiased kernel, flipped, normalised
+    src = split.reader.read_pixels(int(split.train_rows[10]), int(split.train_rows[30]) + 1)
+    src = src[split.train_rows[10:30] - split.train_rows[10]]
+    mean, std = np.array([0.5, 0.4, 0.3], np.float32), np.array([0.2, 0.25, 0.3], np.float32)
+    resized = 0
+    for i in range(60):
+        top, left, h, w, flip = px.params[i].astype(int)
+        crop = torch.from_numpy(src[i // 3]).permute(2, 0, 1)[None, :, top:top + h, left:left + w]
+        if (h, w) != (16, 16):
+            crop, resized = F.interpolate(crop, size=(16, 16), mode="bilinear", antialias=True), resized + 1
+        want = (crop.flip(-1) if flip else crop)[0].permute(1, 2, 0).numpy()
+        assert np.array_equal(px.x[i], want)
+        as_float = (want.transpose(2, 0, 1).astype(np.float32) / np.float32(255) - mean[:, None, None]) / std[:, None, None]
+        assert np.allclose(x[i], as_float, atol=1e-5)
+    assert resized > 20
+    # the float path (resizing normalised floats) differs by the uint8 kernel's fixed-point rounding: a level at most
+    floats = RowMapper(split, data)
+    floats.pixels = False
+    ref = floats.cache_rows(30, 90).x
+    assert np.abs((x - ref) * std[:, None, None]).max() <= 1 / 255 + 1e-6
+    assert np.array_equal(x[::3], ref[::3])  # view 0, a centre crop without resizing: the same numbers
+
+
+def test_without_augmentation_pixels_give_the_float_paths_numbers_and_the_cache_record_is_unchanged(tmp_path):
+    data, split = _split(tmp_path, views=1, normalize=True, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
+    mapper = RowMapper(split, data)
+    assert mapper.pixels and "replay" not in mapper.augmentation_record()
+    x = mapper.cache_rows(0, 50).x
+    assert np.array_equal(x, split.train_window(0, 50))  # decode / 255, normalised: bit for bit
+    assert np.array_equal(mapper.inputs(np.array([7, 3])).x, x[[7, 3]])
+    shifted = RowMapper(split, data.model_copy(update={"augment": AugmentSpec(kind="crop_flip", max_shift=2)}))
+    assert not shifted.pixels  # crop_flip fills with 0 after normalisation: made from floats, as before
 
 
 def test_ids_map_back_to_training_rows(tmp_path):

@@ -50,15 +50,18 @@ def test_a_block_decodes_to_the_inputs_the_teacher_saw(cached_job):
     block = BlockAccessor.for_block(source.read_block(2)).to_numpy()
     assert block["raw"].dtype == object and isinstance(block["raw"][0], bytes)  # still encoded: decoded later
     rows = DecodeInputs(job_json)(dict(block))
-    expected = RowMapper(split, job.data).cache_rows(200, 300)
+    mapper = RowMapper(split, job.data)
+    expected = mapper.cache_rows(200, 300)
     assert np.array_equal(rows["row"], np.arange(200, 300)) and np.array_equal(rows["sample"], expected.samples)
-    assert rows["x"].shape == (100, 3, 16, 16)
-    assert np.array_equal(rows["x"], expected.x)  # the student's replayed view, pixel for pixel
-    teacher = runner(torch.from_numpy(rows["x"]))
+    assert rows["x"].dtype == np.uint8 and rows["x"].shape == (100, 16, 16, 3)  # views travel as pixels
+    x = mapper.to_model(rows["x"])
+    assert x.dtype == np.float32 and x.shape == (100, 3, 16, 16)
+    assert np.array_equal(x, expected.x)  # the student's replayed view, pixel for pixel
+    teacher = runner(torch.from_numpy(x))
     assert np.allclose(rows["f.embed"], teacher["embed"].numpy(), atol=1e-2)  # fp16 cache of the same forward
     for cut in (slice(1, None, 2), slice(37, 38)):  # Ray Data may cut a block anywhere, through a sample's views
         part = DecodeInputs(job_json)({k: v[cut] for k, v in block.items()})
-        assert np.array_equal(part["x"], expected.x[cut])
+        assert np.array_equal(mapper.to_model(part["x"]), expected.x[cut])
 
 
 def test_each_planning_reads_every_chunk_once_in_a_new_order_and_every_row_its_bytes(cached_job):
@@ -105,7 +108,8 @@ def test_windows_deal_samples_into_mixed_blocks_that_decode_to_the_teachers_inpu
     source = CacheRowsDatasource(job_json, job.features.cache.uri, window=4)
     tasks = source.get_read_tasks(4)
     assert len(tasks) == source.num_tasks == -(-len(source.chunks) // 4)
-    expected = RowMapper(split, job.data).cache_rows(0, split.n_train * 3)
+    mapper = RowMapper(split, job.data)
+    expected = mapper.cache_rows(0, split.n_train * 3)
     seen, block_of_sample = [], {}
     for t in tasks:
         blocks = [BlockAccessor.for_block(b).to_numpy() for b in t()]
@@ -119,7 +123,7 @@ def test_windows_deal_samples_into_mixed_blocks_that_decode_to_the_teachers_inpu
             for s in block["sample"].tolist():
                 assert block_of_sample.setdefault((id(t), s), k) == k  # a sample's views stay in one block
             out = DecodeInputs(job_json)(dict(block))
-            assert np.array_equal(out["x"], expected.x[rows])  # each row still the teacher's exact view
+            assert np.array_equal(mapper.to_model(out["x"]), expected.x[rows])  # still the teacher's exact views
             assert np.array_equal(out["sample"], expected.samples[rows])
             seen.extend(rows.tolist())
     assert sorted(seen) == list(range(split.n_train * 3))  # every row once
@@ -150,14 +154,31 @@ def test_the_pipeline_fuses_read_and_decode_into_bounded_blocks_of_the_teachers_
     from services.data import pipeline
 
     job, split, _ = cached_job
-    monkeypatch.setattr(pipeline, "BLOCK_BYTES", 48 * 2**10)  # a 100-row chunk decoded is ~300 KiB: ~6 blocks
+    target = 12 * 2**10
+    monkeypatch.setattr(pipeline, "BLOCK_BYTES", target)  # a 100-row chunk's views are ~75 KiB of pixels: ~6 blocks
     ds = pipeline.cache_training_dataset(job)
-    expected = RowMapper(split, job.data).cache_rows(0, split.n_train * 3)
+    mapper = RowMapper(split, job.data)
+    expected = mapper.cache_rows(0, split.n_train * 3)
     rows, sizes = [], []
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):  # one batch per block, as it is
-        assert np.array_equal(b["x"], expected.x[b["row"]])  # decoded in the read's task: the exact views
+        assert b["x"].dtype == np.uint8  # pixels through the object store
+        assert np.array_equal(mapper.to_model(b["x"]), expected.x[b["row"]])  # decoded in the read's task: the views
         rows.extend(b["row"].tolist())
         sizes.append(b["x"].nbytes)
     assert sorted(rows) == list(range(split.n_train * 3))
-    assert max(sizes) <= 1.5 * 48 * 2**10  # Ray Data slices blocks 1.5x its target: none came out bigger
+    assert max(sizes) <= 1.5 * target  # Ray Data slices blocks 1.5x its target: none came out bigger
     assert "ReadCacheRows->MapBatches(decode_inputs)" in ds.stats()  # one fused task: no encoded block stored
+
+
+def test_the_input_pipelines_object_store_budget_reaches_ray_train(cached_job):
+    from services.data.pipeline import cache_training_dataset, train_data_config
+
+    job, _, _ = cached_job
+    job = job.model_copy(update={"features": job.features.model_copy(
+        update={"cache": job.features.cache.model_copy(update={"input_store_mb": 48})})})
+    ds = cache_training_dataset(job)
+    assert ds.context.execution_options.resource_limits.object_store_memory == 48 * 2**20
+    # Ray Train replaces a dataset's execution options with its DataConfig's when it splits it (configure())
+    train = train_data_config(job)._resolve_execution_options("train")
+    assert train.resource_limits.object_store_memory == 48 * 2**20
+    assert train.resource_limits.cpu == ds.context.execution_options.resource_limits.cpu  # the rest: defaults

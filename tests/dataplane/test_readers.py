@@ -36,12 +36,12 @@ def test_parquet_images_are_read_by_window_and_raw(tmp_path):
 
 @pytest.mark.parametrize("gray", [False, True])
 @pytest.mark.parametrize("size", [24, 16])  # as stored, and resized
-def test_a_decoded_image_is_the_float32_division_of_its_pixels_written_into_its_slot(gray, size):
+def test_a_decoded_image_is_its_pixels_written_into_its_slot_and_as_floats_their_float32_division(gray, size):
     import io
 
     from PIL import Image
 
-    from kdcore.data.images import decode_images
+    from kdcore.data.images import decode_images, decode_pixels, pixels_to_float
 
     pixels = np.random.default_rng(size).integers(0, 256, (24, 24, 3), dtype=np.uint8)
     buf = io.BytesIO()
@@ -50,10 +50,13 @@ def test_a_decoded_image_is_the_float32_division_of_its_pixels_written_into_its_
     with Image.open(io.BytesIO(data)) as img:  # the reference: PIL's pixels as float32, / 255
         img = img.convert("L" if gray else "RGB")
         img = img if img.size == (size, size) else img.resize((size, size), Image.BILINEAR)
+        px = np.asarray(img).reshape(size, size, -1)
         ref = np.asarray(img, dtype=np.float32) / 255.0
     ref = ref[None] if gray else ref.transpose(2, 0, 1)
-    slot = np.full((1 if gray else 3, size, size), np.nan, dtype=np.float32)
-    assert decode_image(data, size, gray, out=slot) is slot and np.array_equal(slot, ref)
+    slot = np.zeros((size, size, 1 if gray else 3), dtype=np.uint8)
+    assert decode_pixels(data, size, gray, out=slot) is slot and np.array_equal(slot, px)
+    assert np.array_equal(decode_image(data, size, gray), ref)
+    assert np.array_equal(pixels_to_float(slot[None])[0], ref)  # pixels -> floats: the same numbers
     batch = decode_images([data, data], size, gray)
     assert batch.dtype == np.float32 and np.array_equal(batch[0], ref) and np.array_equal(batch[1], ref)
 

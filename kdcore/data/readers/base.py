@@ -77,8 +77,17 @@ class RowReader(ABC):
         return self.finish(self._read(start, stop), start)
 
     def decodes_images(self) -> bool:
-        """Whether ``decode`` turns encoded images into pixels (finite by construction: no check needed)."""
+        """Whether ``decode`` turns encoded images into pixels (finite by construction: no check needed); such
+        readers also decode to uint8 pixels (:meth:`decode_pixels`)."""
         return False
+
+    def decode_pixels(self, raw: Any, start: int = 0) -> np.ndarray:
+        """Stored rows as uint8 pixels (n, H, W, C), for readers that decode images."""
+        raise NotImplementedError(f"{type(self).__name__} does not decode images")
+
+    def read_pixels(self, start: int, stop: int) -> np.ndarray:
+        """uint8 pixels (n, H, W, C) of rows [start, stop) (readers that decode images)."""
+        return self.decode_pixels(self.fetch(max(0, int(start)), min(len(self), int(stop))), max(0, int(start)))
 
     def finish(self, x: np.ndarray, start: int = 0) -> np.ndarray:
         """Decoded rows as contiguous float32, checked finite (rows named from ``start``; decoded images are
@@ -88,21 +97,22 @@ class RowReader(ABC):
             check_finite(x, self.name, row_offset=start)
         return x
 
-    def take(self, rows: np.ndarray, max_gap: int = 64) -> np.ndarray:
+    def take(self, rows: np.ndarray, max_gap: int = 64, pixels: bool = False) -> np.ndarray:
         """Inputs of any ``rows`` (in that order), read as contiguous runs (gaps under ``max_gap`` rows are read
-        and dropped)."""
+        and dropped); ``pixels``: as uint8 pixels (:meth:`read_pixels`)."""
         rows = np.asarray(rows, dtype=np.int64)
+        read = self.read_pixels if pixels else self.read
         if not len(rows):
-            return np.empty((0, *self.sample_shape), dtype=np.float32)
+            return read(0, 0) if pixels else np.empty((0, *self.sample_shape), dtype=np.float32)
         order = np.argsort(rows, kind="stable")
         srt = rows[order]
         cuts = np.flatnonzero(np.diff(srt) > max_gap) + 1
         out = None
         at = 0
         for run in np.split(srt, cuts):
-            block = self.read(int(run[0]), int(run[-1]) + 1)
+            block = read(int(run[0]), int(run[-1]) + 1)
             if out is None:
-                out = np.empty((len(rows), *block.shape[1:]), dtype=np.float32)
+                out = np.empty((len(rows), *block.shape[1:]), dtype=block.dtype)
             out[order[at:at + len(run)]] = block[run - run[0]]
             at += len(run)
             del block

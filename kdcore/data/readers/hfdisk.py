@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from kdcore.data.images import decode_images
+from kdcore.data.images import decode_images, decode_pixel_batch
 from kdcore.data.readers.base import RowReader, check_labels
 from kdcore.errors import DataError
 from kdcore.spec.data import HFDiskData
@@ -356,6 +356,12 @@ class HFDiskReader(RowReader):
 
     def decodes_images(self) -> bool:
         return bool(self.spec.image_column)
+
+    def decode_pixels(self, raw, start: int = 0) -> np.ndarray:
+        s = self.spec
+        if not s.image_column:
+            return super().decode_pixels(raw, start)
+        return decode_pixel_batch(list(raw), s.image_size, s.grayscale, lambda i: f"{self.name} row {start + i}")
 
     def decode(self, raw, start: int = 0) -> np.ndarray:
         s = self.spec

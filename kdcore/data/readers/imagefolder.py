@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from kdcore.data.images import decode_images
+from kdcore.data.images import decode_images, decode_pixel_batch
 from kdcore.data.readers.base import RowReader
 from kdcore.errors import DataError
 from kdcore.spec.data import ImageFolderData
@@ -50,6 +50,10 @@ class ImageFolderReader(RowReader):
 
     def decodes_images(self) -> bool:
         return True
+
+    def decode_pixels(self, raw, start: int = 0) -> np.ndarray:
+        return decode_pixel_batch(list(raw), self.spec.image_size, self.spec.grayscale,
+                                  lambda i: str(self.root / self.files[start + i]))
 
     def decode(self, raw, start: int = 0) -> np.ndarray:
         return decode_images(list(raw), self.spec.image_size, self.spec.grayscale,
