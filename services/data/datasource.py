@@ -4,8 +4,11 @@ parameters joined with the stored (still encoded) input rows they were computed 
 A chunk is a contiguous range of cache rows, hence of training rows, hence one contiguous read of the
 source. Each epoch the chunks come in a new random order, grouped into windows of ``shuffle_window`` chunks;
 one read task per window reads its chunks (one sequential read each), deals the window's samples at random
-into as many blocks as it has chunks (a sample's views stay in one block, so it is decoded once) and shuffles
-each block's rows. Consumers cut batches from the blocks as they come: the mixing a local shuffle buffer of the
+into blocks (a sample's views stay in one block, so it is decoded once) and shuffles each block's rows. The
+blocks are sized (``block_rows``) so that Ray Data passes each one to the decode as it is and the decoded
+block leaves the task at once: Ray Data holds a task's output until it exceeds the target block size, so a
+block of encoded rows cut to that size would decode to a little less (the views' pixels are often smaller
+than the encoded bytes) and wait for the next one; the first batch of an epoch would wait two decodes. Consumers cut batches from the blocks as they come: the mixing a local shuffle buffer of the
 window's rows would give, with no buffer to fill and no copy in the training worker. Decoding and the
 augmentation replay are :class:`services.data.transforms.DecodeInputs` (``map_batches``), which Ray Data fuses
 into the read's task, a block at a time; any CPU node can run them.
@@ -40,17 +43,19 @@ def raw_column(raw: Any) -> np.ndarray:
 
 
 class CacheRowsDatasource(Datasource):
-    """Blocks of ``{row, sample, view, raw, aug, f.<layer>..., logits | logits_topk_*}``, as many per window of
-    ``window`` chunks as it has chunks (``window=1``: a block is one chunk's rows, in order).
+    """Blocks of ``{row, sample, view, raw, aug, f.<layer>..., logits | logits_topk_*}``: a window of ``window``
+    chunks dealt into blocks of ``block_rows`` rows (as many as it has chunks without ``block_bytes``;
+    ``window=1``: a block is one chunk's rows, in order).
 
     ``uri``: the cache, or ``[(teacher, uri), ...]``: the caches of a multi-teacher job (they hold the same rows in
     the same chunks, checked), whose chunk ``i`` is read from each and joined: features as ``f.<teacher>/<layer>``
     and logits (top-k ones filled in) as ``f.<teacher>/logits``, the keys the distiller reads."""
 
     def __init__(self, job_json: dict[str, Any], uri: str | list[tuple[str, str]], s3_endpoint: str | None = None,
-                 chunks: list[int] | None = None, window: int = 1) -> None:
+                 chunks: list[int] | None = None, window: int = 1, block_bytes: int | None = None) -> None:
         super().__init__()
         self.job_json, self.s3_endpoint, self.window = job_json, s3_endpoint, max(1, int(window))
+        self.block_bytes = block_bytes  # the dataset's target block size: blocks are sized to it (block_rows)
         self.caches: list[tuple[str | None, str]] = [(None, uri)] if isinstance(uri, str) else list(uri)
         handles = [CacheHandle.open(u, s3_endpoint=s3_endpoint, read_only=True) for _, u in self.caches]
         for (name, _), other in zip(self.caches[1:], handles[1:]):
@@ -89,15 +94,35 @@ class CacheRowsDatasource(Datasource):
         return tasks
 
     def read_window(self, chunks: list[int], seed: tuple[int, ...]) -> Iterator[Any]:
-        """The blocks of one window: each chunk read whole, the samples dealt at random into ``len(chunks)``
-        blocks, each block's rows shuffled (seeded by ``seed``). One chunk alone comes back as it is."""
-        if len(chunks) == 1:
+        """The blocks of one window: each chunk read whole, the samples dealt at random into blocks of
+        ``block_rows`` (without ``block_bytes``: ``len(chunks)`` blocks, and one chunk alone comes back as it
+        is), each block's rows shuffled (seeded by ``seed``)."""
+        if len(chunks) == 1 and self.block_bytes is None:
             yield self.read_block(chunks[0])
             return
         parts = [self.read_columns(i) for i in chunks]
         cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        for pick in mix_window(cols["sample"], len(chunks), np.random.default_rng(list(seed))):
+        n = len(cols["sample"])
+        # blocks of at most block_rows, as even as a window allows (over 0.8x of it from five blocks up)
+        blocks = len(chunks) if self.block_bytes is None else -(-n // self.block_rows(cols))
+        for pick in mix_window(cols["sample"], blocks, np.random.default_rng(list(seed))):
             yield BlockAccessor.batch_to_block({k: v[pick] for k, v in cols.items()})
+
+    def block_rows(self, cols: dict[str, np.ndarray]) -> int:
+        """Most rows per block: encoded in up to 1.3x ``block_bytes`` and decoded to as much (the larger of the
+        two sizes 1.3x, capped at 1.45x), so that Ray Data neither cuts a block (it cuts from 1.5x) nor holds its
+        decode back (it holds a task's output until it exceeds 1x): both hold while the encoded and the decoded
+        rows differ in size by less than ~1.4x, and the blocks of a window are within 0.8x of this."""
+        n = max(1, len(cols["sample"]))
+        raw = cols[RAW]
+        raw_bytes = sum(len(v) for v in raw.tolist()) + 8 * len(raw) if raw.dtype == object else raw.nbytes
+        other = sum(v.nbytes for k, v in cols.items() if k != RAW)
+        mapper = data_context(self.job_json).mapper
+        x_row = int(np.prod(mapper.input_shape)) * (1 if mapper.pixels else 4)
+        enc, dec = (raw_bytes + other) / n, other / n + x_row  # bytes a row takes before and after the decode
+        t = float(self.block_bytes)
+        want = min(1.45 * t, 1.3 * t * max(1.0, enc / dec))  # a block's encoded bytes, at most
+        return max(1, int(want / enc))
 
     def read_block(self, chunk: int):
         """Chunk ``chunk``'s rows as one block, in order."""

@@ -58,7 +58,8 @@ def cache_training_dataset(job: JobSpec, job_json: dict[str, Any] | None = None)
     job_json = job_json or job.model_dump(mode="json")
     spec = job.features.cache
     caches = [(t, job.teacher_cache_uri(t)) for t in job.teacher_names()] if job.multi_teacher else spec.uri
-    source = CacheRowsDatasource(job_json, caches, spec.s3_endpoint, window=spec.shuffle_window)
+    source = CacheRowsDatasource(job_json, caches, spec.s3_endpoint, window=spec.shuffle_window,
+                                 block_bytes=BLOCK_BYTES)
     # Logical CPUs: 0. Ray Train's workers hold the CPUs of their placement group; reads and decodes that asked
     # for CPUs on top would never be scheduled on a small machine (2 CPUs, 2 workers), and the job would hang.
     # They run beside training on whatever cores are free; the decode pool's size bounds what they take.

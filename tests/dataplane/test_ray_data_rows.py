@@ -19,22 +19,26 @@ from kdcore.loop import build_teacher, load_split
 from kdcore.spec import JobSpec
 
 
-@pytest.fixture
-def cached_job(tmp_path, digits_job):
-    write_parquet_images(tmp_path / "pq", 400, size=20, shards=2, rows_per_group=64)
+def _cached(tmp_path, digits_job, size: int = 20, crop: int = 16):
+    write_parquet_images(tmp_path / "pq", 400, size=size, shards=2, rows_per_group=64)
     model = {"kind": "factory", "target": "kdcore.zoo:image_cnn"}
     digits_job["teacher"] = {"model": {**model, "kwargs": {"width": 8, "stem_stride": 2}}, "taps": ["embed"]}
     digits_job["student"]["model"] = {**model, "kwargs": {"width": 4, "stem_stride": 2}}
     digits_job["data"] = {"source": {"kind": "parquet", "path": str(tmp_path / "pq"), "image_column": "image",
-                                     "label_column": "label", "id_column": "id", "image_size": 20},
+                                     "label_column": "label", "id_column": "id", "image_size": size},
                           "views": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-                          "augment": {"kind": "random_resized_crop", "size": 16, "flip": True, "seed": 2}}
+                          "augment": {"kind": "random_resized_crop", "size": crop, "flip": True, "seed": 2}}
     digits_job["features"] = {"mode": "cache", "cache": {"uri": str(tmp_path / "cache"), "chunk_rows": 100}}
     job = JobSpec.from_dict(digits_job)
     split, runner = load_split(job), build_teacher(job)
     cache = CacheWriter.open_or_create(job.features.cache.uri, job_manifest(job, split, runner), split.ids_train)
     assert build(cache, compute_rows(job, split, runner)).complete
     return job, split, runner
+
+
+@pytest.fixture
+def cached_job(tmp_path, digits_job):
+    return _cached(tmp_path, digits_job)
 
 
 def test_a_block_decodes_to_the_inputs_the_teacher_saw(cached_job):
@@ -182,3 +186,30 @@ def test_the_input_pipelines_object_store_budget_reaches_ray_train(cached_job):
     train = train_data_config(job)._resolve_execution_options("train")
     assert train.resource_limits.object_store_memory == 48 * 2**20
     assert train.resource_limits.cpu == ds.context.execution_options.resource_limits.cpu  # the rest: defaults
+
+
+def test_blocks_are_sized_so_ray_data_neither_cuts_them_nor_holds_their_decode_back(tmp_path, digits_job):
+    from ray.data.block import BlockAccessor
+
+    from services.data.datasource import CacheRowsDatasource
+    from services.data.transforms import DecodeInputs
+
+    # views of 24x24 from 24x24 PNGs: the views' pixels a little smaller than the encoded rows, as in ImageNet
+    # recipes (crops of 224 from 256); a block cut to the target size would decode to less than it
+    job, split, _ = _cached(tmp_path, digits_job, size=24, crop=22)
+    job_json = job.model_dump(mode="json")
+    target = 120 * 2**10  # ~60 encoded rows
+    source = CacheRowsDatasource(job_json, job.features.cache.uri, window=4, block_bytes=target)
+    seen, encoded, decoded = [], [], []
+    for t in source.get_read_tasks(4):
+        blocks = [BlockAccessor.for_block(b) for b in t()]
+        for b in blocks:
+            out = BlockAccessor.for_block(BlockAccessor.batch_to_block(DecodeInputs(job_json)(b.to_numpy())))
+            encoded.append(b.size_bytes() / target)
+            decoded.append(out.size_bytes() / target)
+        seen.extend(r for b in blocks for r in b.to_numpy()["row"].tolist())
+    assert sorted(seen) == list(range(split.n_train * 3))
+    # under 1.5x: Ray Data passes each block to the decode whole and lets the decoded one out whole; over 1x: the
+    # decoded block leaves at once, not with the next one (a small window's even shares may come under)
+    assert max(encoded) < 1.5 and max(decoded) < 1.5
+    assert np.median(encoded) > 1.1 and np.median(decoded) > 1.05 and min(decoded) > 0.8
