@@ -90,11 +90,12 @@ class TreeSampler:
     one process), ``anon_peaks`` and ``shmem_peaks`` (its private and shared parts), ``counts`` (the most
     processes seen at once) and ``titles`` (a few command lines); ``total_peak_mb``: the whole tree's peak;
     ``anon_series``: per kind, the peak private MB of one process in each ``bucket_s`` since the start (a flat
-    series is a bound, a ramp a leak)."""
+    series is a bound, a ramp a leak); ``shmem_series`` the same of the shared part (object-store pages)."""
 
     def __init__(self, root: int, every_s: float = 0.5, bucket_s: float = 10.0) -> None:
         self.root, self.every_s, self.bucket_s = root, every_s, bucket_s
         self.anon_series: dict[str, list[float]] = {}
+        self.shmem_series: dict[str, list[float]] = {}
         self._t0 = time.monotonic()
         self.peaks: dict[str, float] = {}
         self.anon_peaks: dict[str, float] = {}
@@ -132,10 +133,11 @@ class TreeSampler:
             mb = rss / 2**20
             self.peaks[kind] = max(self.peaks.get(kind, 0.0), mb)
             self.anon_peaks[kind] = max(self.anon_peaks.get(kind, 0.0), anon / 2**20)
-            series = self.anon_series.setdefault(kind, [])
             b = int((time.monotonic() - self._t0) / self.bucket_s)
-            series.extend([0.0] * (b + 1 - len(series)))
-            series[b] = max(series[b], round(anon / 2**20, 1))
+            for store, value in ((self.anon_series, anon), (self.shmem_series, shm)):
+                series = store.setdefault(kind, [])
+                series.extend([0.0] * (b + 1 - len(series)))
+                series[b] = max(series[b], round(value / 2**20, 1))
             self.shmem_peaks[kind] = max(self.shmem_peaks.get(kind, 0.0), shm / 2**20)
             counts[kind] = counts.get(kind, 0) + 1
             total += mb

@@ -22,7 +22,8 @@ Figures, per size:
   4N / N ratio over the kinds seen in both runs whose N peak is at least ``min_mb`` (50 MB: smaller ones are
   short-lived helpers whose ratio is noise; they are listed in ``rss_ignored_kinds``). Target <= 1.15. RSS
   counts the pages of Ray's object store (shared memory) that a process has touched, so the private part
-  (``rss_anon_*``: RssAnon) and the shared part (``rss_shmem_peak_mb``) are reported too; ``object_spilling``
+  (``rss_anon_*``: RssAnon) and the shared part (``rss_shmem_peak_mb``) are reported too, with their peaks of
+  one process every 10 s of the run (``rss_anon_series_mb``, ``rss_shmem_series_mb``); ``object_spilling``
   says whether Ray spilled objects to disk.
 - ``build_rows_per_s``: cache rows per second of the build in steady state, from the modification times of the
   chunks' done markers (``marker_build_rate``: the rows finished between the markers at the first and the third
@@ -126,6 +127,7 @@ def run_kd(spec: dict[str, Any], work: Path, log: Callable[[str], None] | None =
     return {"peaks": dict(sampler.peaks), "anon_peaks": dict(sampler.anon_peaks),
             "shmem_peaks": dict(sampler.shmem_peaks), "total_peak_mb": sampler.total_peak_mb,
             "counts": dict(sampler.counts), "anon_series": dict(sampler.anon_series),
+            "shmem_series": dict(sampler.shmem_series),
             "titles": {k: sorted(v) for k, v in sampler.titles.items()}, "samples": sampler.samples, "lines": lines, "metrics": metrics,
             "wall_s": wall, "log": str(log_path)}
 
@@ -198,6 +200,7 @@ def run(rows: int = 11_000, image_size: int = 128, workdir: str | os.PathLike | 
             fig = run_figures(r, spec, out["cache_rows"][key])
             runs[key] = {**fig, "peaks": r["peaks"], "anon_peaks": r["anon_peaks"], "shmem_peaks": r["shmem_peaks"],
                          "total_peak_mb": r["total_peak_mb"], "counts": r["counts"], "anon_series": r["anon_series"],
+                         "shmem_series": r["shmem_series"],
                          "titles": r["titles"], "samples": r["samples"], "wall_s": r["wall_s"],
                          "log": r["log"]}
             say(f"    done in {r['wall_s']:.0f} s: build {fig['build_rows_per_s']:,.0f} rows/s, epoch "
@@ -214,6 +217,8 @@ def run(rows: int = 11_000, image_size: int = 128, workdir: str | os.PathLike | 
     out["rss_anon_peak_mb"] = {k: dict(sorted(v["anon_peaks"].items())) for k, v in runs.items()}
     out["rss_shmem_peak_mb"] = {k: dict(sorted(v["shmem_peaks"].items())) for k, v in runs.items()}
     out["rss_anon_series_mb"] = {k: {kind: v["anon_series"].get(kind, []) for kind in SERIES_KINDS} for k, v in runs.items()}
+    out["rss_shmem_series_mb"] = {k: {kind: v["shmem_series"].get(kind, []) for kind in SERIES_KINDS}
+                                  for k, v in runs.items()}
     out["object_spilling"] = {k: "ray_spill_worker" in v["peaks"] for k, v in runs.items()}
     out["rss_total_peak_mb"] = {k: v["total_peak_mb"] for k, v in runs.items()}
     out["processes_per_kind"] = {k: v["counts"] for k, v in runs.items()}

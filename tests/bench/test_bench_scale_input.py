@@ -14,7 +14,7 @@ SCALE_KEYS = ["rows", "image_size", "crop", "views", "epochs", "chunk_rows", "ca
               "rss_ignored_kinds", "rss_growth", "rss_growth_kind", "rss_anon_peak_mb", "rss_shmem_peak_mb",
               "object_spilling", "rss_anon_ratio", "rss_anon_growth", "rss_anon_growth_kind", "build_rows_per_s", "build_rows_per_s_total",
               "epoch_rows_per_s", "epoch_s", "build_s_total", "epoch_data_wait_s", "build_basis", "wall_s", "log",
-              "throughput_ratio", "throughput_ratio_min", "memory_samples"]
+              "throughput_ratio", "throughput_ratio_min", "memory_samples", "rss_anon_series_mb", "rss_shmem_series_mb"]
 INPUT_KEYS = ["rows", "image_size", "views", "chunk_rows", "cache_rows", "decoded_gb", "repeats", "cores", "targets",
               "replicas", "cpus_per_replica", "decode_tasks", "build_s_total", "build_rows_per_s_total",
               "build_rows_per_s", "build_basis", "chunks", "forward_rows_per_s", "build_input_rows_per_s",
