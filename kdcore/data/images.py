@@ -76,8 +76,3 @@ def pixels_to_float(px: np.ndarray) -> np.ndarray:
 def decode_image(data: bytes | str, size: int, grayscale: bool = False, where: str = "") -> np.ndarray:
     """One image as float32 (C, size, size) in [0, 1]."""
     return pixels_to_float(decode_pixels(data, size, grayscale, where)[None])[0]
-
-
-def decode_images(items, size: int, grayscale: bool = False, where=None) -> np.ndarray:
-    """A batch of images as float32 (B, C, size, size) in [0, 1]."""
-    return pixels_to_float(decode_pixel_batch(items, size, grayscale, where))

@@ -98,9 +98,16 @@ class RowMapper:
         x = np.asarray(x)
         return self.split.norm(pixels_to_float(x), inplace=True) if x.dtype == np.uint8 else x
 
-    def view_pixels(self, px: np.ndarray, params: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        """Model inputs of the views ``params`` of pixels ``px``: ``to_model(replay_pixels(...))``."""
-        return self.to_model(self.replay_pixels(px, params, rows))
+    def stored_views(self, stored, start: int, params: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """The views ``params`` of stored rows ``stored`` (as the reader's ``fetch`` returns them, the first being
+        source row ``start``; output row ``i`` from ``stored[rows[i]]``): uint8 pixels where ``self.pixels``
+        (``to_model`` converts), else normalised float32. What a Ray Data task computes of a block."""
+        reader = self.split.reader
+        if self.pixels:
+            return self.replay_pixels(reader.decode_pixels(stored, start), params, rows)
+        x = reader.finish(reader.decode(stored, start))
+        x = self.split.norm(x, inplace=x.flags.owndata)  # a fresh decode is ours to overwrite, a view is not
+        return self.replay(x, params, rows)
 
     def inputs(self, samples: np.ndarray, views: np.ndarray | int = 0, params: np.ndarray | None = None) -> Inputs:
         """Inputs of training samples ``samples`` (any order) under ``views`` (or the given ``params``)."""
@@ -108,7 +115,8 @@ class RowMapper:
         views = np.broadcast_to(np.asarray(views, dtype=np.int64), samples.shape).copy()
         params = self.params(samples, views) if params is None else np.asarray(params, dtype=np.float32)
         if self.pixels:
-            return Inputs(samples, views, self.view_pixels(self.split.train_pixels(samples), params), params)
+            return Inputs(samples, views, self.to_model(self.replay_pixels(self.split.train_pixels(samples), params)),
+                          params)
         x = self.replay(self.split.train_inputs(samples), params)
         return Inputs(samples, views, x, params)
 

@@ -123,16 +123,22 @@ class DataSplit:
         contiguous source runs."""
         return self.norm(self.reader.take(self.train_rows[np.asarray(samples, dtype=np.int64)]), inplace=True)
 
+    def _window(self, start: int, stop: int, read) -> tuple[np.ndarray, bool]:
+        """``read(lo, hi)`` of the source range holding training rows [start, stop) (one contiguous read), less
+        the evaluation rows inside it; whether the result is a new array (``read``'s own unless it picked rows)."""
+        start, stop = max(0, start), min(self.n_train, stop)
+        lo, hi = (int(self.train_rows[start]), int(self.train_rows[stop - 1]) + 1) if stop > start else (0, 0)
+        x = read(lo, hi)
+        if hi - lo != stop - start:
+            return x[self.train_rows[start:stop] - lo], True
+        return x, False
+
     def train_window(self, start: int, stop: int) -> np.ndarray:
         """Normalised inputs of training rows [start, stop): one contiguous source read."""
-        start, stop = max(0, start), min(self.n_train, stop)
-        if stop <= start:
+        if min(self.n_train, stop) <= max(0, start):
             return np.empty((0, *self.sample_shape), dtype=np.float32)
-        lo, hi = int(self.train_rows[start]), int(self.train_rows[stop - 1]) + 1
-        x = self.reader.read(lo, hi)
-        owned = not self.reader.in_memory  # an in-memory reader hands out views of its array
-        if hi - lo != stop - start:
-            x, owned = x[self.train_rows[start:stop] - lo], True
+        x, picked = self._window(start, stop, self.reader.read)
+        owned = picked or not self.reader.in_memory  # an in-memory reader hands out views of its array
         return self.norm(x, inplace=owned)
 
     def train_pixels(self, samples: np.ndarray) -> np.ndarray:
@@ -141,10 +147,7 @@ class DataSplit:
 
     def train_pixels_window(self, start: int, stop: int) -> np.ndarray:
         """uint8 pixels of training rows [start, stop): one contiguous source read (readers that decode images)."""
-        start, stop = max(0, start), min(self.n_train, stop)
-        lo, hi = (int(self.train_rows[start]), int(self.train_rows[stop - 1]) + 1) if stop > start else (0, 0)
-        px = self.reader.read_pixels(lo, hi)
-        return px[self.train_rows[start:stop] - lo] if hi - lo != stop - start else px
+        return self._window(start, stop, self.reader.read_pixels)[0]
 
     def sample(self, k: int = 2) -> np.ndarray:
         """The first ``k`` training inputs (shape probes)."""

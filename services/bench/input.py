@@ -109,14 +109,9 @@ class TightLoop:
         stored = [raw[j] for j in pick] if isinstance(raw, list) else np.asarray(raw)[pick]
         if aug is None:
             aug = np.zeros((b - a, 0), np.float32)
-        start = int(split.train_rows[uniq[0]])
-        if self.mapper.pixels:  # views as pixels, converted batch by batch as the training worker does
-            px = self.mapper.replay_pixels(reader.decode_pixels(stored, start), aug, inverse)
-            bs = self.job.data.batch_size
-            n = sum(len(self.mapper.to_model(px[s:s + bs])) for s in range(0, len(px), bs))
-        else:
-            x = split.norm(reader.finish(reader.decode(stored, start)), inplace=True)
-            n = len(self.mapper.replay(x, aug, inverse))
+        x = self.mapper.stored_views(stored, int(split.train_rows[uniq[0]]), aug, inverse)
+        bs = self.job.data.batch_size  # pixels are converted batch by batch, as the training worker does
+        n = sum(len(self.mapper.to_model(x[s:s + bs])) for s in range(0, len(x), bs))
         assert n == b - a
         return b - a
 

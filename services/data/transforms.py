@@ -31,17 +31,10 @@ class DecodeInputs:
 
         torch.set_num_threads(1)
         ctx = data_context(self.job_json)
-        reader, split = ctx.split.reader, ctx.split
         raw = batch.pop(RAW)
         samples = np.asarray(batch["sample"])
         uniq, first, inverse = np.unique(samples, return_index=True, return_inverse=True)  # views share a decode
         stored = [raw[j] for j in first.tolist()] if raw.dtype == object else raw[first]
-        start = int(split.train_rows[uniq[0]]) if len(uniq) else 0
-        aug = np.asarray(batch["aug"], dtype=np.float32)
-        if ctx.mapper.pixels:
-            batch["x"] = ctx.mapper.replay_pixels(reader.decode_pixels(stored, start), aug, inverse)
-            return batch
-        x = reader.finish(reader.decode(stored, start))
-        x = split.norm(x, inplace=x.flags.owndata)  # a fresh decode is ours to overwrite
-        batch["x"] = ctx.mapper.replay(x, aug, inverse)
+        start = int(ctx.split.train_rows[uniq[0]]) if len(uniq) else 0
+        batch["x"] = ctx.mapper.stored_views(stored, start, np.asarray(batch["aug"], dtype=np.float32), inverse)
         return batch

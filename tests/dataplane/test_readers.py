@@ -41,7 +41,7 @@ def test_a_decoded_image_is_its_pixels_written_into_its_slot_and_as_floats_their
 
     from PIL import Image
 
-    from kdcore.data.images import decode_images, decode_pixels, pixels_to_float
+    from kdcore.data.images import decode_pixel_batch, decode_pixels, pixels_to_float
 
     pixels = np.random.default_rng(size).integers(0, 256, (24, 24, 3), dtype=np.uint8)
     buf = io.BytesIO()
@@ -57,7 +57,7 @@ def test_a_decoded_image_is_its_pixels_written_into_its_slot_and_as_floats_their
     assert decode_pixels(data, size, gray, out=slot) is slot and np.array_equal(slot, px)
     assert np.array_equal(decode_image(data, size, gray), ref)
     assert np.array_equal(pixels_to_float(slot[None])[0], ref)  # pixels -> floats: the same numbers
-    batch = decode_images([data, data], size, gray)
+    batch = pixels_to_float(decode_pixel_batch([data, data], size, gray))
     assert batch.dtype == np.float32 and np.array_equal(batch[0], ref) and np.array_equal(batch[1], ref)
 
 

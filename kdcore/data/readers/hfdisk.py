@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from kdcore.data.images import decode_images, decode_pixel_batch
+from kdcore.data.images import decode_pixel_batch, pixels_to_float
 from kdcore.data.readers.base import RowReader, check_labels
 from kdcore.errors import DataError
 from kdcore.spec.data import HFDiskData
@@ -366,8 +366,7 @@ class HFDiskReader(RowReader):
     def decode(self, raw, start: int = 0) -> np.ndarray:
         s = self.spec
         if s.image_column:
-            where = lambda i: f"{self.name} row {start + i}"  # noqa: E731
-            return decode_images(list(raw), s.image_size, s.grayscale, where)
+            return pixels_to_float(self.decode_pixels(raw, start))
         x = np.array(raw, dtype=np.float32, copy=True)
         if s.scale != 1.0:
             x *= np.float32(s.scale)

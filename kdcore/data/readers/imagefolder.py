@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from kdcore.data.images import decode_images, decode_pixel_batch
+from kdcore.data.images import decode_pixel_batch, pixels_to_float
 from kdcore.data.readers.base import RowReader
 from kdcore.errors import DataError
 from kdcore.spec.data import ImageFolderData
@@ -56,8 +56,7 @@ class ImageFolderReader(RowReader):
                                   lambda i: str(self.root / self.files[start + i]))
 
     def decode(self, raw, start: int = 0) -> np.ndarray:
-        return decode_images(list(raw), self.spec.image_size, self.spec.grayscale,
-                             lambda i: str(self.root / self.files[start + i]))
+        return pixels_to_float(self.decode_pixels(raw, start))
 
     def describe(self) -> dict[str, Any]:
         h = zlib.crc32("\n".join(self.files).encode())

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from kdcore.data.fs import list_files
-from kdcore.data.images import decode_images, decode_pixel_batch
+from kdcore.data.images import decode_pixel_batch, pixels_to_float
 from kdcore.data.readers.base import RowReader, check_labels
 from kdcore.errors import DataError
 from kdcore.spec.data import ParquetData
@@ -123,8 +123,7 @@ class ParquetReader(RowReader):
     def decode(self, raw, start: int = 0) -> np.ndarray:
         s = self.spec
         if s.image_column:
-            where = lambda i: f"{self.name} row {start + i}"  # noqa: E731
-            return decode_images(list(raw), s.image_size, s.grayscale, where)
+            return pixels_to_float(self.decode_pixels(raw, start))
         x = np.asarray(raw, dtype=np.float32)
         if s.shape:
             try:
